@@ -1,0 +1,5 @@
+import sys
+
+from ralph_supervisor.cli import main
+
+sys.exit(main())
