@@ -1,0 +1,242 @@
+"""The `ralph-supervisor` command line.
+
+This module owns the argument parser and the exit codes. Each command is a
+function add_<name>_parser(subparsers) that adds its parser and sets its
+handler; a handler takes the parsed arguments and returns the exit code.
+COMMANDS lists the commands, and main() turns every failure into one line on
+stderr and an exit code, so no traceback reaches a user (QCHAT_DEBUG=1 shows
+it).
+
+    0    done
+    1    a runtime failure: a QChatError, or the operating system said no
+    2    bad usage or bad configuration
+    70   a bug in ralph-supervisor (EX_SOFTWARE)
+    130  interrupted by Ctrl-C
+    141  stdout was closed early, as `... | head` does (128 + SIGPIPE)
+
+To add a command: write add_<name>_parser and its handler, and append
+("<name>", add_<name>_parser) to COMMANDS. Use add_config_option and
+load_config_from_args so that every command reads the configuration alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ralph_supervisor import __version__, commands
+from ralph_supervisor.config import (
+    Config,
+    describe,
+    load_config,
+    parse_flag,
+    render_example,
+)
+from ralph_supervisor.errors import ConfigError, QChatError
+
+PROG = "ralph-supervisor"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+Subparsers = Any  # argparse's _SubParsersAction, which has no public name
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose --help shows every default.
+
+    add_subparsers makes subparsers of the parent's class, so every command
+    below the root gets the same formatter without asking for it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """The --config FILE option that every command reading the config takes."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="the YAML configuration file; without it, defaults and the environment",
+    )
+
+
+def load_config_from_args(args: argparse.Namespace) -> Config:
+    """The configuration for a command: its --config file and os.environ."""
+    return load_config(getattr(args, "config", None))
+
+
+# ---------------------------------------------------------------------------
+# config
+
+
+def add_config_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "config",
+        help="show, check or write the configuration",
+        description="Show, check or write the configuration.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    show = actions.add_parser(
+        "show",
+        help="print the configuration in effect and where each value came from",
+        description=(
+            "Print the configuration in effect: defaults, then the file, then the "
+            "environment. Each value notes its source."
+        ),
+    )
+    add_config_option(show)
+    show.set_defaults(handler=run_config_show)
+
+    validate = actions.add_parser(
+        "validate",
+        help="check a configuration file, listing every problem",
+        description=(
+            "Check a configuration file on its own (the environment is not read). "
+            "Prints 'FILE: ok', or every problem on its own line and exits 2."
+        ),
+    )
+    validate.add_argument("file", metavar="FILE", help="the YAML file to check")
+    validate.set_defaults(handler=run_config_validate)
+
+    example = actions.add_parser(
+        "example",
+        help="print a documented configuration file with every default",
+        description="Print every setting at its default, each with a one-line comment.",
+    )
+    example.set_defaults(handler=run_config_example)
+
+
+def run_config_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(describe(load_config_from_args(args)))
+    return EXIT_OK
+
+
+def run_config_validate(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file, env={})
+    except ConfigError as error:
+        for problem in getattr(error, "problems", [str(error)]):
+            print(_one_line(problem), file=sys.stderr)
+        return EXIT_USAGE
+
+    print(f"{args.file}: ok")
+    return EXIT_OK
+
+
+def run_config_example(args: argparse.Namespace) -> int:
+    sys.stdout.write(render_example())
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# The commands, and main.
+
+# (name, add_<name>_parser), in the order --help lists them.
+COMMANDS: tuple[tuple[str, Callable[[Subparsers], None]], ...] = (
+    ("config", add_config_parser),
+    *commands.COMMANDS,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=PROG,
+        description="A production runtime for Ralph loops on the Amazon Q Developer CLI.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for _name, add_parser in COMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code. Never lets a traceback out."""
+    try:
+        return _run(argv)
+    except ConfigError as error:
+        _report(error, f"{PROG}: {error}")
+        return EXIT_USAGE
+    except QChatError as error:
+        _report(error, f"{PROG}: {error}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as error:
+        # A directory we may not write, a port in use: the operator's to fix.
+        _report(error, f"{PROG}: error: {error}")
+        return EXIT_FAILURE
+    except Exception as error:
+        _report(error, f"{PROG}: internal error: {type(error).__name__}: {error}")
+        if not _wants_traceback():
+            print(f"{PROG}: rerun with QCHAT_DEBUG=1 to see the traceback", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        # --help, --version and usage errors: argparse has printed its piece.
+        return _exit_code(stop)
+
+    code = int(args.handler(args))
+
+    # Flush here rather than at interpreter exit, so that a reader who went
+    # away (`| head`) is seen by main() and not reported by Python at exit.
+    sys.stdout.flush()
+    return code
+
+
+def _report(error: BaseException, line: str) -> None:
+    if _wants_traceback():
+        traceback.print_exception(error, file=sys.stderr)
+    print(_one_line(line), file=sys.stderr)
+
+
+def _wants_traceback() -> bool:
+    try:
+        return parse_flag(os.environ.get("QCHAT_DEBUG", ""))
+    except ValueError:
+        return False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n"))
+
+
+def _exit_code(stop: SystemExit) -> int:
+    if stop.code is None:
+        return EXIT_OK
+    if isinstance(stop.code, int):
+        return stop.code
+    return EXIT_FAILURE
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout once more at exit; with the pipe gone that flush
+    # fails too and prints a second error. Point stdout at /dev/null first.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
