@@ -22,7 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-SESSION_TAG = uuid.uuid4().hex
+# A helper script that imports this module from a test keeps the tag of the
+# session that started it, so its processes are checked too.
+SESSION_TAG = os.environ.get("RALPH_TEST_SESSION") or uuid.uuid4().hex
 os.environ["RALPH_TEST_SESSION"] = SESSION_TAG
 
 # A hung test prints every thread's stack before pytest-timeout fails it.
@@ -84,6 +86,16 @@ def no_leaked_processes() -> Iterator[None]:
             with contextlib.suppress(psutil.Error):
                 process.send_signal(signal.SIGKILL)
         pytest.fail("processes left running after the test:\n" + "\n".join(described))
+
+
+@pytest.fixture
+def restore_signals() -> Iterator[None]:
+    """For tests that install the supervisor's handlers in pytest's process."""
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture

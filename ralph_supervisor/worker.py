@@ -1,0 +1,117 @@
+"""The worker process: takes calls from its pipe and runs them with the runner.
+
+    parent (supervisor loop)                 worker (this module)
+        | ("run", request_id, CallSpec) -->    run_call(spec)
+        | <-- ("started", request_id, pgid)      agent spawned in its own group
+        | <-- ("log", record)                    log records, for the parent to write
+        | <-- ("done", request_id, outcome)      Response or QChatError
+        | ("stop",) -->                          exit between calls
+
+A worker runs one call at a time, in its main thread only, so the agent
+can be started with PR_SET_PDEATHSIG: if this worker dies, the kernel kills
+the agent it started. Grandchildren are the parent's job: it kills the
+agent's whole process group when it sees this worker die.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ralph_supervisor.errors import QChatError, QChatProcessError
+from ralph_supervisor.logs import setup_worker_logging
+from ralph_supervisor.runner import CallSpec, run_call
+
+_PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("ralph_supervisor.worker")
+
+
+def worker_main(conn: Connection, slot: int, log_level: int) -> None:
+    """Entry point of a worker process (started by the supervisor)."""
+    _prepare_process(conn, log_level)
+    conn.send(("ready", os.getpid()))
+
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            # The parent is gone: there is no one to answer.
+            return
+
+        if message[0] == "stop":
+            return
+        if message[0] == "run":
+            _serve(conn, message[1], message[2])
+
+
+def _prepare_process(conn: Connection, log_level: int) -> None:
+    # Ctrl-C on a terminal reaches the whole foreground group; the parent
+    # decides how to stop, and a worker must finish or be told.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    # When the parent dies without a word (SIGKILL, OOM), this worker must
+    # not run on. With the forkserver start method our parent is the fork
+    # server, which exits as soon as the supervisor does.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:
+        sys.exit(0)
+
+    # The fork server hands every child a copy of the write end of its
+    # "alive" pipe and exits only when all copies are closed. A worker that
+    # kept its copy would keep the fork server alive after the supervisor
+    # died, and the fork server would keep this worker alive in turn.
+    _close_forkserver_alive_fd()
+
+    # Only the parent writes the log file: several processes rotating one
+    # file would corrupt it.
+    def send(record: dict[str, Any]) -> None:
+        conn.send(("log", record))
+
+    setup_worker_logging(send, log_level)
+
+
+def _close_forkserver_alive_fd() -> None:
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive_fd)
+        server._forkserver_alive_fd = None
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # SystemExit unwinds through run_call, whose finally kills the agent's
+    # process group: stopping a worker never leaves its agent running.
+    raise SystemExit(0)
+
+
+def _serve(conn: Connection, request_id: str, spec: CallSpec) -> None:
+    def report_spawn(pgid: int) -> None:
+        conn.send(("started", request_id, pgid))
+
+    outcome: Any
+    try:
+        outcome = run_call(spec, on_spawn=report_spawn)
+    except QChatError as error:
+        outcome = error
+    except Exception as error:
+        # A bug of ours must still answer the request, never strand it.
+        log.exception("worker failed running request %s", request_id)
+        outcome = QChatProcessError(f"internal error in worker: {error!r}")
+        outcome.retryable = False
+
+    with contextlib.suppress(OSError, EOFError):
+        conn.send(("done", request_id, outcome))
