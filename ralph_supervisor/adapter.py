@@ -12,18 +12,21 @@ read, and identical calls in flight in several threads are made once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from ralph_supervisor.cache import ResponseCache, SingleFlight
-from ralph_supervisor.errors import QChatError
-from ralph_supervisor.policy import AgentGuard, CallPlan, may_retry
+from ralph_supervisor.errors import CircuitOpen, QChatError
+from ralph_supervisor.policy import AgentGuard, AgentSet, CallPlan
 from ralph_supervisor.runner import Response, run_call
+
+log = logging.getLogger("ralph_supervisor.adapter")
 
 
 class QChatAdapter:
-    """One agent call at a time per thread, guarded and retried."""
+    """One agent call at a time per thread, guarded, retried, failed over."""
 
     def __init__(
         self,
@@ -38,7 +41,12 @@ class QChatAdapter:
             config = load_config()
         self.config = config
         self.state_dir = Path(state_dir) if state_dir else config.state_dir_for(workdir)
-        self.guard = AgentGuard(config, self.state_dir)
+        self.agents = AgentSet(config, self.state_dir)
+
+    @property
+    def guard(self) -> AgentGuard:
+        """The first agent: the only one without an `agents:` list."""
+        return self.agents.primary
 
     @property
     def agent(self) -> str:
@@ -52,36 +60,63 @@ class QChatAdapter:
         timeout: float | None = None,
     ) -> Response:
         """Run the prompt; return a Response or raise a QChatError."""
-        plan = self.guard.plan(prompt, cwd=cwd, timeout=timeout, use_cache=False)
+        plan = self.agents.plan(prompt, cwd=cwd, timeout=timeout, use_cache=False)
         return self.run_plan(plan)
 
-    def run_plan(self, plan: CallPlan) -> Response:
-        """Attempts under one deadline, with backoff between them."""
+    def run_plan(self, plan: CallPlan, order: list[AgentGuard] | None = None) -> Response:
+        """Attempts under one deadline: retries with backoff, then failover."""
+        order = order if order is not None else self.agents.order()
+        position = 0
         attempts = 0
-        while True:
-            ticket = self.guard.breaker.admit(lease_seconds=plan.deadline - time.monotonic())
+        agent_attempts = 0
+        last_error: QChatError | None = None
+
+        while position < len(order):
+            guard = order[position]
             try:
-                self.guard.limiter.acquire(plan.deadline)
+                ticket = guard.breaker.admit(lease_seconds=plan.deadline - time.monotonic())
+            except CircuitOpen:
+                position, agent_attempts = position + 1, 0
+                continue
+            try:
+                guard.limiter.acquire(plan.deadline)
             except QChatError:
-                self.guard.breaker.release(ticket)
+                guard.breaker.release(ticket)
                 raise
 
             attempts += 1
+            agent_attempts += 1
             try:
-                response = run_call(self.guard.spec(plan, in_worker=False))
+                response = run_call(guard.spec(plan, in_worker=False))
             except QChatError as error:
-                self.guard.breaker.record(ticket, error)
+                guard.breaker.record(ticket, error)
+                self.agents.on_failure(guard, error)
                 error.attempts = attempts
-                delay = self.guard.backoff(attempts)
-                retry = may_retry(error, attempts, self.config.adapter.max_retries)
-                if not retry or time.monotonic() + delay >= plan.deadline:
-                    raise
-                time.sleep(delay)
-                continue
+                last_error = error
 
-            self.guard.breaker.record(ticket, None)
+                delay = guard.backoff(agent_attempts)
+                in_time = time.monotonic() + delay < plan.deadline
+                if guard.may_retry(error, agent_attempts) and in_time:
+                    time.sleep(delay)
+                    continue
+                moving_on = self.agents.should_fail_over(error, position, order)
+                if moving_on and time.monotonic() < plan.deadline:
+                    log.warning(
+                        "moving from %s to %s after %s",
+                        guard.name,
+                        order[position + 1].name,
+                        error.kind,
+                        extra={"agent": guard.name, "error_type": error.kind},
+                    )
+                    position, agent_attempts = position + 1, 0
+                    continue
+                raise
+
+            guard.breaker.record(ticket, None)
             response.attempts = attempts
             return response
+
+        raise last_error or self.agents.all_open(order)
 
 
 class CachedAdapter:
@@ -103,7 +138,8 @@ class CachedAdapter:
                 location = getattr(cache, "directory", cache)
                 settings = dataclasses.replace(settings, dir=str(location), enabled=True)
             self.cache = ResponseCache(settings, adapter.state_dir)
-        adapter.guard.cache = self.cache
+        for guard in adapter.agents.guards:
+            guard.cache = self.cache
         self.single_flight = SingleFlight()
 
     @property
@@ -117,18 +153,26 @@ class CachedAdapter:
         cwd: str | None = None,
         timeout: float | None = None,
     ) -> Response:
-        plan = self.adapter.guard.plan(prompt, cwd=cwd, timeout=timeout, use_cache=True)
-        key = plan.cache_key
+        agents = self.adapter.agents
+        plan = agents.plan(prompt, cwd=cwd, timeout=timeout, use_cache=True)
+        order = agents.order()
+
+        # The answer of the agent that would take the call now.
+        lookup = agents.first_available(order) or order[0]
+        key = lookup.cache_key(plan)
         if key is None:
-            return self.adapter.run_plan(plan)
+            return self.adapter.run_plan(plan, order)
 
         cached = self.cache.get(key)
         if cached is not None:
             return cached.as_hit(plan.request_id)
 
         def call_and_store() -> Response:
-            response = self.adapter.run_plan(plan)
-            self.cache.put(key, response)
+            response = self.adapter.run_plan(plan, order)
+            answering = agents.guard_named(response.agent) or lookup
+            answering_key = answering.cache_key(plan)
+            if answering_key is not None:
+                self.cache.put(answering_key, response)
             return response
 
         response: Response = self.single_flight.run(key, call_and_store)

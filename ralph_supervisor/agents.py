@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Failure kinds, in the order they are checked: a login problem needs a
 # person, so it wins over a throttling message printed beside it.
@@ -60,14 +60,23 @@ class AgentProfile:
     # stderr is searched.
     pattern_streams: tuple[str, ...] = ("stderr",)
 
+    # Words just before the prompt when it is an argument (gemini's -p), and
+    # at the end when it goes on stdin instead (codex reads "-" as stdin).
+    prompt_flag: tuple[str, ...] = ()
+    stdin_marker: tuple[str, ...] = ()
+
+    # Exit statuses that say what went wrong without any message.
+    exit_codes: Mapping[int, str] = field(default_factory=dict)
+
     def with_command(self, command: Sequence[str]) -> AgentProfile:
-        return AgentProfile(self.name, tuple(command), self.patterns, self.pattern_streams)
+        # A custom command line decides for itself how it takes its prompt.
+        return replace(self, command=tuple(command), prompt_flag=(), stdin_marker=())
 
     def with_patterns(self, extra: Mapping[str, Sequence[str]]) -> AgentProfile:
         merged = {kind: tuple(self.patterns.get(kind, ())) for kind in FAILURE_KINDS}
         for kind, regexes in extra.items():
             merged[kind] = merged.get(kind, ()) + tuple(regexes)
-        return AgentProfile(self.name, self.command, merged, self.pattern_streams)
+        return replace(self, patterns=merged)
 
 
 def _simulator_command() -> tuple[str, ...]:
@@ -75,6 +84,72 @@ def _simulator_command() -> tuple[str, ...]:
     # even when its console script is not on PATH.
     return (sys.executable, "-m", "ralph_supervisor.simulator", "chat")
 
+
+# Claude Code without a login prints "Not logged in · Please run /login" on
+# stdout and exits 1; its API errors name the HTTP status.
+CLAUDE_PATTERNS: Mapping[str, tuple[str, ...]] = {
+    "auth": (
+        r"not logged in",
+        r"please run /login",
+        r"invalid api key",
+        r"authentication_error",
+        r"oauth token (?:has )?expired",
+        r"credit balance is too low",
+    ),
+    "throttled": (
+        r"rate_limit_error",
+        r"usage limit reached",
+        r"API Error: 429",
+    ),
+    "service": (
+        r"overloaded_error",
+        r"API Error: 5\d\d",
+        r"api_error",
+    ),
+}
+
+# Gemini CLI exits 41 without credentials (naming the variables it wants)
+# and 55 in a folder it does not trust, in red ANSI on stderr.
+GEMINI_PATTERNS: Mapping[str, tuple[str, ...]] = {
+    "auth": (
+        r"please set an auth method",
+        r"GEMINI_API_KEY",
+        r"API key not valid",
+        r"UNAUTHENTICATED",
+    ),
+    "throttled": (
+        r"RESOURCE_EXHAUSTED",
+        r"quota exceeded",
+        r"status 429",
+        r"rate limit",
+    ),
+    "service": (
+        r"\bUNAVAILABLE\b",
+        r"model is overloaded",
+        r"status 503",
+        r"INTERNAL",
+    ),
+}
+
+# Codex refuses a directory that is not a trusted git repository; without a
+# login it names the login command or the API key variable.
+CODEX_PATTERNS: Mapping[str, tuple[str, ...]] = {
+    "auth": (
+        r"not logged in",
+        r"codex login",
+        r"OPENAI_API_KEY",
+        r"401 Unauthorized",
+    ),
+    "throttled": (
+        r"rate limit",
+        r"usage limit",
+        r"429 Too Many Requests",
+    ),
+    "service": (
+        r"stream disconnected",
+        r"5\d\d (?:Internal Server Error|Service Unavailable|Bad Gateway)",
+    ),
+}
 
 PROFILES: Mapping[str, AgentProfile] = {
     "q": AgentProfile(
@@ -92,6 +167,35 @@ PROFILES: Mapping[str, AgentProfile] = {
         _simulator_command() + ("--no-interactive", "--trust-all-tools"),
         Q_PATTERNS,
     ),
+    # The prompt as the last word; with no word, each reads it from stdin.
+    # Each runs unattended with every tool allowed, as q's --trust-all-tools.
+    # --dangerously-skip-permissions would trust every tool as q does, but
+    # Claude Code refuses it to root; acceptEdits works for every user.
+    "claude": AgentProfile(
+        "claude",
+        ("claude", "-p", "--permission-mode", "acceptEdits", "--output-format", "text"),
+        CLAUDE_PATTERNS,
+        pattern_streams=("stdout", "stderr"),
+    ),
+    "gemini": AgentProfile(
+        "gemini",
+        ("gemini", "--yolo"),
+        GEMINI_PATTERNS,
+        pattern_streams=("stdout", "stderr"),
+        prompt_flag=("-p",),
+        exit_codes={41: "auth"},
+    ),
+    # exec never asks for approval; the sandbox lets it write its workdir.
+    "codex": AgentProfile(
+        "codex",
+        ("codex", "exec", "--sandbox", "workspace-write", "--skip-git-repo-check"),
+        CODEX_PATTERNS,
+        pattern_streams=("stdout", "stderr"),
+        stdin_marker=("-",),
+    ),
+    # A command line of the configuration's own (adapter.command), with
+    # only the failure patterns the configuration gives it.
+    "custom": AgentProfile("custom", ()),
 }
 
 # The deployment guide's configuration file says `adapter.name: qchat`.
@@ -132,6 +236,7 @@ class CompiledPatterns:
 
     by_kind: tuple[tuple[str, re.Pattern[str]], ...]
     streams: tuple[str, ...]
+    exit_codes: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def of(cls, profile: AgentProfile) -> CompiledPatterns:
@@ -141,13 +246,19 @@ class CompiledPatterns:
             if regexes:
                 joined = "|".join(f"(?:{regex})" for regex in regexes)
                 compiled.append((kind, re.compile(joined, re.IGNORECASE)))
-        return cls(tuple(compiled), profile.pattern_streams)
+        exit_codes = tuple(sorted(profile.exit_codes.items()))
+        return cls(tuple(compiled), profile.pattern_streams, exit_codes)
 
-    def match(self, streams: Mapping[str, str]) -> tuple[str, str] | None:
-        """(kind, matched text) for the first failure found, or None."""
+    def match(
+        self, streams: Mapping[str, str], exit_code: int | None = None
+    ) -> tuple[str, str] | None:
+        """(kind, what said so) for the first failure found, or None."""
         for kind, pattern in self.by_kind:
             for stream in self.streams:
                 found = pattern.search(streams.get(stream, ""))
                 if found:
                     return kind, found.group(0)
+        for code, kind in self.exit_codes:
+            if code == exit_code:
+                return kind, f"exit status {code}"
         return None

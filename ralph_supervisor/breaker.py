@@ -18,6 +18,9 @@ fail_max, reset_timeout, success_threshold). What this module adds:
 - half-open admits ONE trial call at a time, across processes, through a
   lease key that expires (a trial whose process died must not hold the
   circuit forever). pybreaker alone lets every caller through.
+- With state.backend redis, breaker.storage `disk` means Redis
+  (redis_backend.RedisCircuitStorage): one circuit and one trial lease for
+  every host. While Redis is away the state directory stands in.
 - A state change is logged, counted and reported to `on_transition` once, by
   the process that made it. pybreaker would announce it again in every
   process that later noticed it, and reset the shared failure counter there.
@@ -57,6 +60,12 @@ from typing import Any
 import diskcache
 import pybreaker
 
+from ralph_supervisor.backend import (
+    SharedState,
+    SharedStateBusy,
+    SharedStateError,
+    shared_state_for,
+)
 from ralph_supervisor.cache import STORE_ERRORS, is_store_broken, open_private_cache
 from ralph_supervisor.errors import CircuitOpen
 
@@ -387,6 +396,8 @@ class _Circuit:
     recorder: _TransitionRecorder
     directory: Path | None = None
     announced: collections.Counter[str] = field(default_factory=collections.Counter)
+    # The shared state the storage lives in (state.backend redis), or None.
+    shared: SharedState | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -438,6 +449,8 @@ class Breaker:
         self.directory: Path | None = None
         if settings.storage == "disk" and state_dir is not None:
             self.directory = Path(state_dir) / "breaker" / name
+        self._state_dir = state_dir
+        self._wants_shared = settings.storage == "disk"
 
         self._circuit_now: _Circuit | None = None
         self._degraded: tuple[int, str] | None = None
@@ -597,6 +610,10 @@ class Breaker:
         except STORE_ERRORS as error:
             self._store_failed(circuit, error, "snapshot")
             snapshot["degraded"] = self.degraded_reason
+
+        shared = self._shared_state()
+        if snapshot["degraded"] is None and shared is not None:
+            snapshot["degraded"] = shared.degraded_reason
         return snapshot
 
     def force_close(self) -> None:
@@ -615,6 +632,26 @@ class Breaker:
                 circuit.storage.release_lease(None)
         except STORE_ERRORS as error:
             self._store_failed(circuit, error, "force_close")
+
+    def trip(self, error_kind: str) -> None:
+        """Open the circuit now, whatever the count.
+
+        For a failure no retry can mend, such as an expired login: the agent
+        is out until a trial call, after reset_timeout, succeeds.
+        """
+        if not self.enabled:
+            return
+
+        circuit = self._circuit()
+        try:
+            with self._changing(circuit):
+                if circuit.storage.state == OPEN:
+                    return
+                circuit.storage.last_error_kind = error_kind
+                circuit.breaker.open()
+                circuit.storage.release_lease(None)
+        except STORE_ERRORS as error:
+            self._store_failed(circuit, error, "trip")
 
     # -- the steps --------------------------------------------------------
 
@@ -791,17 +828,35 @@ class Breaker:
     def _circuit(self) -> _Circuit:
         circuit = self._circuit_now
         pid = os.getpid()
-        if circuit is not None and circuit.pid == pid:
+        shared = self._shared_state()
+        if shared is not None and not shared.is_shared:
+            shared = None
+        if circuit is not None and circuit.pid == pid and circuit.shared is shared:
             return circuit
 
+        # Built again when Redis goes away or comes back, as after a fork.
         with _build_lock:
             circuit = self._circuit_now
-            if circuit is None or circuit.pid != pid:
-                circuit = self._build(pid)
+            if circuit is None or circuit.pid != pid or circuit.shared is not shared:
+                circuit = self._build(pid, shared)
                 self._circuit_now = circuit
             return circuit
 
-    def _build(self, pid: int) -> _Circuit:
+    def _shared_state(self) -> SharedState | None:
+        """The redis shared state for a disk breaker, or None."""
+        if not self._wants_shared:
+            return None
+        shared = shared_state_for(self._state_dir)
+        return None if shared is None or shared.backend == "local" else shared
+
+    def _build(self, pid: int, shared: SharedState | None = None) -> _Circuit:
+        if shared is not None:
+            try:
+                storage = shared.circuit_storage(self.name, self._clock)
+                return self._assemble(pid, storage, shared)
+            except SharedStateError:
+                pass  # Gone while building: the state directory stands in.
+
         if self.directory is not None and self.degraded_reason is None:
             try:
                 store = open_private_cache(self.directory, eviction_policy="none")
@@ -810,7 +865,9 @@ class Breaker:
                 self._degrade(f"cannot open {self.directory}: {type(error).__name__}: {error}")
         return self._assemble(pid, MemoryCircuitStorage(self._clock))
 
-    def _assemble(self, pid: int, storage: Storage) -> _Circuit:
+    def _assemble(
+        self, pid: int, storage: Storage, shared: SharedState | None = None
+    ) -> _Circuit:
         recorder = _TransitionRecorder(storage, self.reset_timeout)
         breaker = _SharedCircuit(
             fail_max=self.fail_max,
@@ -821,7 +878,7 @@ class Breaker:
             name=self.name,
         )
         directory = self.directory if isinstance(storage, DiskCircuitStorage) else None
-        return _Circuit(pid, storage, breaker, recorder, directory)
+        return _Circuit(pid, storage, breaker, recorder, directory, shared=shared)
 
     def _read(self, read: Callable[[Storage], Any], default: Any) -> Any:
         circuit = self._circuit()
@@ -835,6 +892,9 @@ class Breaker:
             return default
 
     def _store_failed(self, circuit: _Circuit, error: BaseException, action: str) -> None:
+        if isinstance(error, SharedStateError):
+            self._shared_failed(circuit, error, action)
+            return
         if not is_store_broken(error):
             log.warning(
                 "circuit breaker %s: state store busy in %s, %s went ahead without it: %s",
@@ -850,6 +910,23 @@ class Breaker:
         with _build_lock:
             if self._circuit_now is circuit:
                 self._circuit_now = self._assemble(os.getpid(), MemoryCircuitStorage(self._clock))
+
+    def _shared_failed(self, circuit: _Circuit, error: SharedStateError, action: str) -> None:
+        if isinstance(error, SharedStateBusy):
+            log.warning(
+                "circuit breaker %s: shared state busy in %s, it went ahead without it: %s",
+                self.name,
+                action,
+                error,
+                extra={"breaker": self.name},
+            )
+            return
+
+        # The shared state has logged the outage once, for every user of it.
+        # The next use builds this process's circuit on the state directory.
+        with _build_lock:
+            if self._circuit_now is circuit:
+                self._circuit_now = None
 
     def _degrade(self, reason: str) -> None:
         if self.degraded_reason is not None:

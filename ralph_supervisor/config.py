@@ -58,7 +58,22 @@ __all__ = [
 
 # The agent profiles adapter.name may pick. "qchat" is the deployment guide's
 # name for q; agents.py gets the canonical one from Config.agent_name.
-AGENT_NAMES = ("q", "qchat", "kiro", "sim")
+AGENT_NAMES = ("q", "qchat", "kiro", "sim", "claude", "gemini", "codex", "custom")
+AGENT_STRATEGIES = ("failover", "round_robin")
+
+# What an entry of `agents:` may set, beside its name and profile: the
+# adapter keys it names directly, and its own breaker and limits sections.
+AGENT_ADAPTER_KEYS = (
+    "command",
+    "model",
+    "timeout",
+    "max_retries",
+    "retry_delay",
+    "max_retry_delay",
+    "kill_grace",
+    "failure_patterns",
+)
+AGENT_SECTIONS = ("breaker", "limits")
 AGENT_ALIASES = {"qchat": "q"}
 
 FAILURE_KINDS = ("throttled", "auth", "service")
@@ -405,28 +420,85 @@ class TaskList(Check):
 
 
 class AgentList(Check):
-    """agents: kept raw for failover; only each entry's name is checked."""
+    """agents: an ordered list of agent entries, or {strategy, list}.
 
-    expected = "a list of agents, each a mapping with a name"
+    Each entry's values are checked by the very settings they stand for
+    (adapter.timeout, breaker.fail_max, ...), so an agent cannot hold a
+    value its adapter section would refuse.
+    """
+
+    expected = "a list of agents, or a mapping with strategy and list"
 
     def __init__(self) -> None:
         self.name = Text("a non-empty name")
+        self.strategy = Choice(AGENT_STRATEGIES)
 
     def __call__(self, value: Any) -> Any:
-        if not isinstance(value, list | tuple):
+        strategy = AGENT_STRATEGIES[0]
+        entries = value
+        where = ""
+        if isinstance(value, Mapping):
+            for key in value:
+                if key not in ("strategy", "list"):
+                    raise Mismatch("only keys strategy, list", key)
+            strategy = TaskList.check_part(
+                self.strategy, value.get("strategy", strategy), ".strategy"
+            )
+            entries = value.get("list", [])
+            where = ".list"
+        if not isinstance(entries, list | tuple):
             raise Mismatch(self.expected, value)
 
         agents: list[dict[str, Any]] = []
-        for index, entry in enumerate(value):
-            if not isinstance(entry, Mapping):
-                raise Mismatch("a mapping with a name", entry, f"[{index}]")
-            try:
-                self.name(entry.get("name"))
-            except Mismatch as mismatch:
-                raise Mismatch(mismatch.expected, mismatch.value, f"[{index}].name") from None
-            agents.append(dict(entry))
+        first_index: dict[str, int] = {}
+        for index, entry in enumerate(entries):
+            agent = self.check_agent(entry, f"{where}[{index}]")
+            if agent["name"] in first_index:
+                expected = f"a unique name (agents[{first_index[agent['name']]}] has it)"
+                raise Mismatch(expected, agent["name"], f"{where}[{index}].name")
+            first_index[agent["name"]] = index
+            agents.append(agent)
 
-        return tuple(agents)
+        return MappingProxyType({"strategy": strategy, "list": tuple(agents)})
+
+    def check_agent(self, entry: Any, where: str) -> dict[str, Any]:
+        if not isinstance(entry, Mapping):
+            raise Mismatch("a mapping with a name", entry, where)
+
+        name = TaskList.check_part(self.name, entry.get("name"), f"{where}.name")
+        profile = entry.get("profile", name if name in AGENT_NAMES else None)
+        profile = TaskList.check_part(Choice(AGENT_NAMES), profile, f"{where}.profile")
+        agent: dict[str, Any] = {"name": name, "profile": AGENT_ALIASES.get(profile, profile)}
+
+        for key, value in entry.items():
+            if key in ("name", "profile"):
+                continue
+            if key in AGENT_ADAPTER_KEYS:
+                agent[key] = self.check_setting(f"adapter.{key}", value, f"{where}.{key}")
+            elif key in AGENT_SECTIONS:
+                agent[key] = self.check_section(key, value, f"{where}.{key}")
+            else:
+                allowed = ", ".join(("name", "profile", *AGENT_ADAPTER_KEYS, *AGENT_SECTIONS))
+                raise Mismatch(f"one of the keys {allowed}", key, where)
+
+        if agent["profile"] == "custom" and not agent.get("command"):
+            raise Mismatch("a command for the custom profile", None, f"{where}.command")
+        return agent
+
+    def check_section(self, section: str, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise Mismatch(f"a mapping of {section} settings", value, where)
+        checked = {}
+        for key, item in value.items():
+            checked[key] = self.check_setting(f"{section}.{key}", item, f"{where}.{key}")
+        return checked
+
+    @staticmethod
+    def check_setting(dotted: str, value: Any, where: str) -> Any:
+        spec = SETTINGS.get(dotted)
+        if spec is None:
+            raise Mismatch("a known setting", dotted.rpartition(".")[2], where)
+        return TaskList.check_part(spec.check, value, where)
 
 
 def check_clean_text(text: str, expected: str, where: str = "") -> None:
@@ -501,7 +573,7 @@ class AdapterConfig:
         "q",
         Choice(AGENT_NAMES),
         env="QCHAT_AGENT",
-        doc="the agent: q, kiro, or sim, the simulator; qchat is q",
+        doc="the agent: q, kiro, claude, gemini, codex, custom, or sim; qchat is q",
     )
     command: tuple[str, ...] | None = setting(
         None,
@@ -937,10 +1009,10 @@ class Config:
         TaskList(),
         doc="loops to run: workdir, name (default: its basename), prompt_file",
     )
-    agents: tuple[dict[str, Any], ...] = setting(
+    agents: Mapping[str, Any] = setting(
         [],
         AgentList(),
-        doc="agents to fail over to, each a mapping with a name; not used yet",
+        doc="agents to fail over between, in order (or {strategy, list}); empty: adapter",
     )
 
     # Where the values came from; not part of the configuration's value.
@@ -951,6 +1023,33 @@ class Config:
     def agent_name(self) -> str:
         """The canonical agent profile name ("qchat" is q)."""
         return AGENT_ALIASES.get(self.adapter.name, self.adapter.name)
+
+    @property
+    def agent_strategy(self) -> str:
+        """failover (in order) or round_robin (among healthy agents)."""
+        return str(self.agents["strategy"])
+
+    def agent_configs(self) -> list[tuple[str, Config]]:
+        """(name, configuration) for each agent, in order.
+
+        Without an `agents:` list there is one agent, the adapter section's.
+        Each entry's values override the adapter, breaker and limits keys.
+        """
+        entries = self.agents["list"]
+        if not entries:
+            return [(self.agent_name, self)]
+
+        configs = []
+        for entry in entries:
+            overrides: dict[str, Any] = {"adapter.name": entry["profile"]}
+            for key, value in entry.items():
+                if key in AGENT_ADAPTER_KEYS:
+                    overrides[f"adapter.{key}"] = value
+                elif key in AGENT_SECTIONS:
+                    for name, item in value.items():
+                        overrides[f"{key}.{name}"] = item
+            configs.append((entry["name"], self.with_overrides(overrides)))
+        return configs
 
     def get(self, key: str) -> Any:
         """The value of a dotted key, e.g. config.get("adapter.timeout")."""

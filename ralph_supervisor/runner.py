@@ -98,6 +98,7 @@ class CallSpec:
     argv: tuple[str, ...]
     prompt: str
     deadline: float  # time.monotonic(): one clock for every process on Linux
+    stdin_argv: tuple[str, ...] | None = None
     cwd: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
@@ -148,11 +149,13 @@ class _Collected:
         return b"".join(chunks).decode("utf-8", "replace")
 
 
-def command_line(argv: tuple[str, ...], payload: bytes) -> tuple[list[str], bytes | None]:
+def command_line(
+    argv: tuple[str, ...], payload: bytes, stdin_argv: tuple[str, ...] | None = None
+) -> tuple[list[str], bytes | None]:
     """The argv to run and the bytes for stdin (None: stdin is /dev/null)."""
     if len(payload) <= ARGV_PROMPT_LIMIT:
         return [*argv, payload.decode("utf-8")], None
-    return list(argv), payload
+    return list(stdin_argv or argv), payload
 
 
 def run_call(spec: CallSpec, *, on_spawn: Callable[[int], None] | None = None) -> Response:
@@ -166,7 +169,7 @@ def run_call(spec: CallSpec, *, on_spawn: Callable[[int], None] | None = None) -
         raise QChatTimeout("the deadline passed before the call started", elapsed=0.0)
 
     payload = spec.prompt.encode("utf-8")
-    argv, stdin_bytes = command_line(spec.argv, payload)
+    argv, stdin_bytes = command_line(spec.argv, payload, spec.stdin_argv)
     process = _spawn(spec, argv, with_stdin=stdin_bytes is not None)
     if on_spawn is not None:
         on_spawn(process.pid)
@@ -433,7 +436,9 @@ class _Call:
                 **facts,
             )
 
-        failure = self.spec.patterns.match(_tails(stdout, stderr)) if self.spec.patterns else None
+        failure = None
+        if self.spec.patterns is not None:
+            failure = self.spec.patterns.match(_tails(stdout, stderr), returncode)
         if failure is not None:
             kind, matched = failure
             raise ERROR_FOR_KIND[kind](

@@ -54,7 +54,7 @@ from ralph_supervisor.errors import (
     WorkerLost,
 )
 from ralph_supervisor.logs import NAMESPACE, handle_forwarded
-from ralph_supervisor.policy import AgentGuard, CallPlan, may_retry
+from ralph_supervisor.policy import AgentGuard, AgentSet, CallPlan
 from ralph_supervisor.runner import Response
 
 log = logging.getLogger("ralph_supervisor.supervisor")
@@ -74,9 +74,12 @@ STARTING, IDLE, BUSY, STOPPING, DEAD = "starting", "idle", "busy", "stopping", "
 class _Request:
     plan: CallPlan
     future: Future[Response]
-    use_cache: bool
+    order: list[AgentGuard]
     submitted_at: float = field(default_factory=time.monotonic)
     attempts: int = 0
+    position: int = 0  # which agent of `order` the call is on
+    agent_attempts: int = 0  # attempts on that agent
+    guard: AgentGuard | None = None  # the agent of the attempt in flight
     ticket: Any = None
     last_error: QChatError | None = None
     dispatched_at: float | None = None
@@ -132,7 +135,7 @@ class Supervisor:
         self.state_dir = Path(state_dir) if state_dir else config.state_dir_for(workdir)
         self.metrics = metrics
         self._reload_config = reload_config
-        self.guard = AgentGuard(config, self.state_dir, with_cache=True)
+        self.agents = AgentSet(config, self.state_dir, with_cache=True)
 
         self._lock = threading.Lock()
         self._inbox: collections.deque[_Request] = collections.deque()
@@ -160,6 +163,9 @@ class Supervisor:
         self.last_dump: Path | None = None
 
         self.counters = collections.Counter[str]()
+        self.agent_counters: collections.defaultdict[str, dict[str, float]] = (
+            collections.defaultdict(lambda: collections.defaultdict(float))
+        )
 
     # -- life ---------------------------------------------------------------
 
@@ -230,6 +236,11 @@ class Supervisor:
     def wait_closed(self, timeout: float | None = None) -> bool:
         return self._closed.wait(timeout)
 
+    @property
+    def guard(self) -> AgentGuard:
+        """The first agent: the only one without an `agents:` list."""
+        return self.agents.primary
+
     # -- submitting ---------------------------------------------------------
 
     def submit(
@@ -252,13 +263,23 @@ class Supervisor:
             use_cache = True
 
         try:
-            plan = self.guard.plan(prompt, cwd=cwd, timeout=timeout, use_cache=use_cache)
+            plan = self.agents.plan(prompt, cwd=cwd, timeout=timeout, use_cache=use_cache)
         except PromptRejected as error:
             self._count("failed")
             future.set_exception(error)
             return future
 
-        cache = self.guard.cache
+        # The breakers refuse before any queue slot is taken.
+        order = self.agents.order()
+        first = self.agents.first_available(order)
+        if first is None:
+            self._count("failed")
+            future.set_exception(self.agents.all_open(order))
+            return future
+
+        # The answer of the agent that would take the call now.
+        plan.cache_key = first.cache_key(plan)
+        cache = self.agents.cache
         if plan.cache_key is not None and cache is not None:
             cached = cache.get(plan.cache_key)
             if cached is not None:
@@ -268,15 +289,7 @@ class Supervisor:
                 return future
             self._record_cache(hit=False)
 
-        # The breaker refuses before any queue slot is taken.
-        try:
-            self.guard.breaker.check()
-        except CircuitOpen as error:
-            self._count("failed")
-            future.set_exception(error)
-            return future
-
-        request = _Request(plan, future, use_cache)
+        request = _Request(plan, future, order)
         with self._lock:
             if self._closing:
                 raise SupervisorClosed("the supervisor is closing")
@@ -443,17 +456,15 @@ class Supervisor:
             self._fail(request, request.last_error or QChatTimeout("the deadline passed"))
             return
 
-        try:
-            request.ticket = self.guard.breaker.admit(lease_seconds=request.plan.deadline - now)
-        except CircuitOpen as error:
-            self._fail(request, error)
+        guard = self._admit(request, now)
+        if guard is None:
             return
 
-        wait = self.guard.limiter.reserve()
+        wait = guard.limiter.reserve()
         if wait > 0:
             # Not our turn under limits.requests_per_minute: hand the trial
             # ticket back and ask again when a token is due.
-            self.guard.breaker.release(request.ticket)
+            guard.breaker.release(request.ticket)
             request.ticket = None
             if now + wait >= request.plan.deadline:
                 self._fail(
@@ -463,13 +474,15 @@ class Supervisor:
                     ),
                 )
                 return
-            self._record_ratelimit_wait(wait)
+            self._record_ratelimit_wait(guard, wait)
             self._schedule(wait, lambda: self._requeue(request, front=True))
             return
 
         request.attempts += 1
+        request.agent_attempts += 1
+        request.guard = guard
         request.dispatched_at = now
-        spec = self.guard.spec(request.plan, in_worker=True)
+        spec = guard.spec(request.plan, in_worker=True)
         slot.state = BUSY
         slot.request = request
         slot.agent_pgid = None
@@ -480,6 +493,24 @@ class Supervisor:
             # death handling retries the request.
             log.warning("worker %s did not take request %s", slot.pid, request.id)
         self._set_active()
+
+    def _admit(self, request: _Request, now: float) -> AgentGuard | None:
+        """The agent for this attempt, with its breaker's ticket; None: failed.
+
+        Agents whose breaker refuses are passed over, in order.
+        """
+        while request.position < len(request.order):
+            guard = request.order[request.position]
+            try:
+                request.ticket = guard.breaker.admit(lease_seconds=request.plan.deadline - now)
+            except CircuitOpen:
+                request.position += 1
+                request.agent_attempts = 0
+                continue
+            return guard
+
+        self._fail(request, request.last_error or self.agents.all_open(request.order))
+        return None
 
     def _requeue(self, request: _Request, *, front: bool = False) -> None:
         if request.done:
@@ -539,11 +570,14 @@ class Supervisor:
         slot.consecutive_crashes = 0
         self._set_active()
 
+        guard = request.guard
+        assert guard is not None
         if isinstance(outcome, Response):
-            self.guard.breaker.record(request.ticket, None)
+            guard.breaker.record(request.ticket, None)
             self._succeed(request, outcome)
         else:
-            self.guard.breaker.record(request.ticket, outcome)
+            guard.breaker.record(request.ticket, outcome)
+            self.agents.on_failure(guard, outcome)
             self._after_failure(request, outcome)
 
         if slot.retiring:
@@ -557,39 +591,70 @@ class Supervisor:
             self._retire(slot)
 
     def _after_failure(self, request: _Request, error: QChatError) -> None:
+        """Retry on the same agent, move on to the next, or fail the call."""
         request.last_error = error
         request.ticket = None
-        retries = self.config.adapter.max_retries
-
-        if self._closing or not may_retry(error, request.attempts, retries):
+        guard = request.guard
+        if self._closing or guard is None:
             self._fail(request, error)
             return
 
-        delay = self.guard.backoff(request.attempts)
-        if time.monotonic() + delay >= request.plan.deadline:
-            self._fail(request, error)
+        delay = guard.backoff(request.agent_attempts)
+        in_time = time.monotonic() + delay < request.plan.deadline
+        if guard.may_retry(error, request.agent_attempts) and in_time:
+            self._retry_later(request, guard, error, delay)
             return
 
+        moving_on = self.agents.should_fail_over(error, request.position, request.order)
+        if moving_on and time.monotonic() < request.plan.deadline:
+            self._fail_over(request, guard, error)
+            return
+
+        self._fail(request, error)
+
+    def _retry_later(
+        self, request: _Request, guard: AgentGuard, error: QChatError, delay: float
+    ) -> None:
         log.info(
-            "retrying request %s in %.2f s after %s (attempt %d of %d)",
+            "retrying request %s on %s in %.2f s after %s (attempt %d of %d)",
             request.id,
+            guard.name,
             delay,
             error.kind,
-            request.attempts,
-            retries + 1,
-            extra={"request_id": request.id, "error_type": error.kind},
+            request.agent_attempts,
+            guard.config.adapter.max_retries + 1,
+            extra={"request_id": request.id, "error_type": error.kind, "agent": guard.name},
         )
         self._count("retries")
         if self.metrics is not None:
-            self.metrics.retried(self.guard.name)
+            self.metrics.retried(guard.name)
         request.dispatched_at = None
         self._schedule(delay, lambda: self._requeue(request, front=True))
+
+    def _fail_over(self, request: _Request, guard: AgentGuard, error: QChatError) -> None:
+        following = request.order[request.position + 1]
+        log.warning(
+            "request %s moves from %s to %s after %s",
+            request.id,
+            guard.name,
+            following.name,
+            error.kind,
+            extra={"request_id": request.id, "error_type": error.kind, "agent": guard.name},
+        )
+        self._count("failovers")
+        request.position += 1
+        request.agent_attempts = 0
+        request.dispatched_at = None
+        self._requeue(request, front=True)
 
     def _succeed(self, request: _Request, response: Response) -> None:
         response.attempts = request.attempts
         response.request_id = request.id
-        if request.plan.cache_key is not None and self.guard.cache is not None:
-            self.guard.cache.put(request.plan.cache_key, response)
+        # Stored under the key of the agent that answered.
+        guard = request.guard
+        key = guard.cache_key(request.plan) if guard is not None else None
+        if key is not None and self.agents.cache is not None:
+            self.agents.cache.put(key, response)
         self._observe(request, "success", None)
         self._count("completed")
         self._resolve(request, response, None)
@@ -598,8 +663,8 @@ class Supervisor:
         if request.done:
             return
         error.attempts = max(request.attempts, 1)
-        if request.ticket is not None:
-            self.guard.breaker.release(request.ticket)
+        if request.ticket is not None and request.guard is not None:
+            request.guard.breaker.release(request.ticket)
             request.ticket = None
         self._observe(request, "error", error.kind)
         self._count("failed")
@@ -758,8 +823,8 @@ class Supervisor:
 
     def _record_outcome_ticket_release(self, request: _Request) -> None:
         # A worker's death says nothing about the service: free the trial.
-        if request.ticket is not None:
-            self.guard.breaker.release(request.ticket)
+        if request.ticket is not None and request.guard is not None:
+            request.guard.breaker.release(request.ticket)
             request.ticket = None
 
     def _schedule_restart(self, slot: _Slot) -> None:
@@ -893,8 +958,7 @@ class Supervisor:
 
         old_size = len(self._slots)
         self.config = new
-        self.guard.config = new
-        self.guard.prompts = type(self.guard.prompts).from_config(new)
+        self.agents.apply(new)
         logging.getLogger("ralph_supervisor").setLevel(new.logging.level)
         self._resize(new.performance.max_concurrent)
         log.info(
@@ -994,7 +1058,8 @@ class Supervisor:
                 }
             )
 
-        cache_stats = self.guard.cache.stats() if self.guard.cache is not None else {}
+        cache = self.agents.cache
+        cache_stats = cache.stats() if cache is not None else {}
         return {
             "workers": workers,
             "workers_alive": sum(1 for w in workers if w["state"] in (IDLE, BUSY, STARTING)),
@@ -1005,6 +1070,8 @@ class Supervisor:
             "failed": self.counters["failed"],
             "retries": self.counters["retries"],
             "breaker_state": self.guard.breaker.state,
+            "agents": [self._agent_stats(guard) for guard in self.agents.guards],
+            "failovers": self.counters["failovers"],
             "cache_hits": self.counters["cache_hits"],
             "cache_misses": self.counters["cache_misses"],
             "cache": cache_stats,
@@ -1055,15 +1122,36 @@ class Supervisor:
             else:
                 self.metrics.cache_miss()
 
-    def _record_ratelimit_wait(self, seconds: float) -> None:
+    def _record_ratelimit_wait(self, guard: AgentGuard, seconds: float) -> None:
+        with self._lock:
+            self.agent_counters[guard.name]["ratelimit_wait_s"] += seconds
         if self.metrics is not None:
-            self.metrics.ratelimit_waited(self.guard.name, seconds)
+            self.metrics.ratelimit_waited(guard.name, seconds)
+
+    def _agent_stats(self, guard: AgentGuard) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self.agent_counters[guard.name])
+        waited = counts.pop("ratelimit_wait_s", 0.0)
+        return {
+            "name": guard.name,
+            "profile": guard.profile.name,
+            "breaker": guard.breaker.snapshot(),
+            "calls": int(counts.pop("calls", 0)),
+            "successes": int(counts.pop("success", 0)),
+            "ratelimit_wait_s": round(waited, 3),
+            "errors": {kind: int(count) for kind, count in counts.items()},
+        }
 
     def _observe(self, request: _Request, outcome: str, error_type: str | None) -> None:
+        agent = request.guard.name if request.guard is not None else self.guard.name
+        with self._lock:
+            counts = self.agent_counters[agent]
+            counts["calls"] += 1
+            counts[error_type or outcome] += 1
         if self.metrics is None:
             return
         duration = time.monotonic() - request.submitted_at
-        self.metrics.observe_request(self.guard.name, outcome, duration, error_type)
+        self.metrics.observe_request(agent, outcome, duration, error_type)
 
     def _set_active(self) -> None:
         if self.metrics is None:

@@ -125,7 +125,7 @@ def test_defaults_match_the_design_table() -> None:
     assert config.state.backend == "local"
     assert config.loop.prompt_file == "PROMPT.md"
     assert config.tasks == ()
-    assert config.agents == ()
+    assert config.agents == {"strategy": "failover", "list": ()}
     assert dict(config.adapter.failure_patterns) == {}
 
 
@@ -166,7 +166,7 @@ def test_schema_rows_have_docs_and_plain_defaults() -> None:
 
 
 def test_agent_names_live_in_one_constant() -> None:
-    assert AGENT_NAMES == ("q", "qchat", "kiro", "sim")
+    assert AGENT_NAMES == ("q", "qchat", "kiro", "sim", "claude", "gemini", "codex", "custom")
     for name in AGENT_NAMES:
         config = load_config(env={}, overrides={"adapter.name": name})
         assert config.adapter.name == name
@@ -355,7 +355,7 @@ def test_env_null_for_a_string_is_the_string() -> None:
         ("QCHAT_MAX_RETRIES", "2.5", "an integer >= 0"),
         ("QCHAT_MAX_CONCURRENT", "ten", "a positive integer"),
         ("QCHAT_HEALTH_PORT", "70000", "an integer from 0 to 65535"),
-        ("QCHAT_AGENT", "gpt", "one of q, qchat, kiro, sim"),
+        ("QCHAT_AGENT", "gpt", "one of q, qchat, kiro, sim, claude, gemini, codex, custom"),
         ("QCHAT_LOG_LEVEL", "loud", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ],
 )
@@ -421,7 +421,7 @@ BAD_VALUES = [
     ("adapter", "timeout:", POSITIVE_SECONDS, "None"),
     ("adapter", "retry_delay: -0.5", "a number of seconds >= 0", "-0.5"),
     ("adapter", "max_retries: -1", "an integer >= 0", "-1"),
-    ("adapter", "name: gpt", "one of q, qchat, kiro, sim", "'gpt'"),
+    ("adapter", "name: gpt", "one of q, qchat, kiro, sim, claude, gemini, codex, custom", "'gpt'"),
     ("adapter", "model: ''", "a non-empty string or null", "''"),
     ("logging", "verbose: 1", "true or false", "1"),
     ("logging", "verbose: 'yes'", "true or false", "'yes'"),
@@ -604,15 +604,45 @@ def test_bad_tasks(tasks: list[Any], problem: str) -> None:
     assert only_problem(overrides={"tasks": tasks}) == f"override: {problem}"
 
 
-def test_agents_are_kept_raw_and_need_a_name() -> None:
-    agents = [{"name": "backup", "command": ["kiro-cli", "chat"], "extra": {"x": 1}}]
+def test_agents_are_checked_by_the_settings_they_stand_for() -> None:
+    agents = [
+        {"name": "q"},
+        {"name": "backup", "profile": "kiro", "timeout": 30, "breaker": {"fail_max": 2}},
+    ]
     config = load_config(env={}, overrides={"agents": agents})
-    assert config.agents == tuple(agents)
+    assert config.agent_strategy == "failover"
+    assert config.agents["list"] == (
+        {"name": "q", "profile": "q"},
+        {"name": "backup", "profile": "kiro", "timeout": 30.0, "breaker": {"fail_max": 2}},
+    )
+    named = {name: agent for name, agent in config.agent_configs()}
+    assert named["backup"].adapter.name == "kiro"
+    assert named["backup"].adapter.timeout == 30.0
+    assert named["backup"].breaker.fail_max == 2
+    assert named["q"].breaker.fail_max == 5
+
+    round_robin = {"strategy": "round_robin", "list": agents}
+    assert load_config(env={}, overrides={"agents": round_robin}).agent_strategy == "round_robin"
 
     assert only_problem(overrides={"agents": [{"command": "x"}]}) == (
         "override: agents[0].name: expected a non-empty name, got None"
     )
-    assert only_problem(overrides={"agents": {"name": "x"}}).startswith(
+    assert only_problem(overrides={"agents": [{"name": "backup"}]}).startswith(
+        "override: agents[0].profile: expected one of q, qchat, kiro"
+    )
+    assert only_problem(overrides={"agents": [{"name": "q", "timeout": -1}]}) == (
+        "override: agents[0].timeout: expected a positive number of seconds, got -1"
+    )
+    assert only_problem(overrides={"agents": [{"name": "q", "breaker": {"fail_mx": 1}}]}) == (
+        "override: agents[0].breaker.fail_mx: expected a known setting, got 'fail_mx'"
+    )
+    assert only_problem(overrides={"agents": [{"name": "x", "profile": "custom"}]}) == (
+        "override: agents[0].command: expected a command for the custom profile, got None"
+    )
+    assert only_problem(overrides={"agents": {"strategy": "random"}}).startswith(
+        "override: agents.strategy: expected one of failover, round_robin"
+    )
+    assert only_problem(overrides={"agents": "q"}).startswith(
         "override: agents: expected a list of agents"
     )
 
@@ -927,7 +957,7 @@ def test_describe_reads_back_as_the_same_config(tmp_path: Path) -> None:
         "adapter.command": ["q", "chat", 'it\'s "quoted"\n'],
         "adapter.failure_patterns": {"auth": ["expired: .*"]},
         "tasks": [{"workdir": "/srv/app"}],
-        "agents": [{"name": "kiro", "nested": {"a": [1, 2]}}],
+        "agents": [{"name": "kiro", "breaker": {"fail_max": 2}}],
         "loop.completion_promise": "yes",
     }
     config = load_config(write(tmp_path, GUIDE_FILE), env={}, overrides=overrides)

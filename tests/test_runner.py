@@ -62,7 +62,7 @@ def test_strip_ansi_removes_colour_cursor_and_osc() -> None:
 
 
 def test_shell_metacharacters_arrive_verbatim(tmp_path: Path) -> None:
-    prompt = "$(touch pwned) `touch pwned2`; rm -rf x | cat > pwned3 && echo \"'\" @sim:echo=sha256"
+    prompt = '$(touch pwned) `touch pwned2`; rm -rf x | cat > pwned3 && echo "\'" @sim:echo=sha256'
     response = call(prompt, cwd=str(tmp_path))
     assert f"sha256:{sha(prompt)}" in response.text
     assert list(tmp_path.iterdir()) == []
