@@ -60,7 +60,7 @@ from ralph_supervisor.runner import Response
 log = logging.getLogger("ralph_supervisor.supervisor")
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["ralph_supervisor.worker"])
+_CONTEXT.set_forkserver_preload(["ralph_supervisor.forkserver_init"])
 
 # How often worker memory is sampled, for metrics and for recycling at
 # supervisor.max_worker_memory_mb.
@@ -1010,15 +1010,15 @@ class Supervisor:
 
         live = [s for s in self._slots if s.process is not None]
         for slot in live:
-            with contextlib.suppress(Exception):
-                slot.process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.process.pid, worker_module.STOP_SIGNAL)
 
         grace_end = time.monotonic() + self.config.adapter.kill_grace
         for slot in live:
             slot.process.join(max(0.0, grace_end - time.monotonic()))
         for slot in live:
             if slot.process.is_alive():
-                log.warning("worker %s ignored SIGTERM; killing it", slot.pid)
+                log.warning("worker %s did not stop; killing it", slot.pid)
                 slot.process.kill()
                 slot.process.join(5)
             self._kill_agent_group(slot)

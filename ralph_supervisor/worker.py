@@ -30,6 +30,11 @@ from ralph_supervisor.runner import CallSpec, run_call
 
 _PR_SET_PDEATHSIG = 1
 
+# How the supervisor tells a worker to exit now, killing its agent.
+STOP_SIGNAL = signal.SIGUSR2
+
+_parent_at_start = 0
+
 log = logging.getLogger("ralph_supervisor.worker")
 
 
@@ -53,16 +58,20 @@ def worker_main(conn: Connection, slot: int, log_level: int) -> None:
 
 def _prepare_process(conn: Connection, log_level: int) -> None:
     # Ctrl-C on a terminal reaches the whole foreground group; the parent
-    # decides how to stop, and a worker must finish or be told.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # decides how to stop, and a worker must finish or be told. A handler
+    # that does nothing, not SIG_IGN: an ignored signal stays ignored across
+    # exec, and the agents this worker starts should get the defaults.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, _ignore)
+    signal.signal(signal.SIGTERM, _exit_if_orphaned)
+    signal.signal(STOP_SIGNAL, _exit_now)
 
     # When the parent dies without a word (SIGKILL, OOM), this worker must
     # not run on. With the forkserver start method our parent is the fork
     # server, which exits as soon as the supervisor does.
     libc = ctypes.CDLL(None, use_errno=True)
+    global _parent_at_start
+    _parent_at_start = os.getppid()
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:
         sys.exit(0)
@@ -92,10 +101,27 @@ def _close_forkserver_alive_fd() -> None:
         server._forkserver_alive_fd = None
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
+def _ignore(signum: int, frame: Any) -> None:
+    pass
+
+
+def _exit_now(signum: int, frame: Any) -> None:
     # SystemExit unwinds through run_call, whose finally kills the agent's
     # process group: stopping a worker never leaves its agent running.
     raise SystemExit(0)
+
+
+def _exit_if_orphaned(signum: int, frame: Any) -> None:
+    """SIGTERM: exit only if the fork server, and so the supervisor, is gone.
+
+    A SIGTERM to the whole process group (supervisord's stopasgroup, a
+    terminal, `kill -TERM -PGID`) must not cut the call in flight: the
+    supervisor drains and then stops its workers with STOP_SIGNAL. The
+    kernel's PR_SET_PDEATHSIG also sends SIGTERM, when the fork server has
+    died: then our parent has changed and there is no one left to drain for.
+    """
+    if os.getppid() != _parent_at_start:
+        raise SystemExit(0)
 
 
 def _serve(conn: Connection, request_id: str, spec: CallSpec) -> None:

@@ -392,3 +392,22 @@ def test_sigusr1_writes_a_diagnostic_dump(tmp_path: Path) -> None:
         text = supervisor.last_dump.read_text()
         assert "ralph-supervisor-loop" in text
         assert str(supervisor.stats()["workers"][0]["pid"]) in text
+
+
+def test_sigterm_to_the_whole_group_still_drains(tmp_path: Path) -> None:
+    # supervisord's stopasgroup and a terminal signal the whole group: the
+    # workers must leave the stopping to the supervisor, not die mid-call.
+    process = start_owner(tmp_path, count=4, latency=1.0)
+    try:
+        assert wait_until(lambda: len(live_agents()) >= 1, 10)
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        outcomes = json.loads(stdout.strip().splitlines()[-1])
+        assert outcomes.get("ok", 0) >= 1
+        assert "WorkerLost" not in outcomes
+        assert "died" not in stderr
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
