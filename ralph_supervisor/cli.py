@@ -142,12 +142,86 @@ def run_config_example(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# cache stats | clear | prune
+
+
+def add_cache_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="inspect or empty the response cache",
+        description=(
+            "The response cache of the state directory (cache.dir, else "
+            "STATE_DIR/cache). Hits and misses count every process that used it."
+        ),
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, handler, text in (
+        ("stats", run_cache_stats, "entries, size, hits, misses and hit ratio"),
+        ("clear", run_cache_clear, "remove every entry"),
+        ("prune", run_cache_prune, "remove the expired entries"),
+    ):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        add_config_option(action)
+        action.add_argument(
+            "--workdir",
+            default=".",
+            help="the working directory whose state directory holds the cache",
+        )
+        action.set_defaults(handler=handler)
+
+
+def _open_cache(args: argparse.Namespace) -> Any:
+    from ralph_supervisor.cache import ResponseCache
+
+    config = load_config_from_args(args)
+    cache = ResponseCache(config.cache, config.state_dir_for(args.workdir))
+    if cache.directory is None or not cache.directory.is_dir():
+        print(f"{PROG}: no cache at {cache.directory}", file=sys.stderr)
+        return None
+    return cache
+
+
+def run_cache_stats(args: argparse.Namespace) -> int:
+    cache = _open_cache(args)
+    if cache is None:
+        return EXIT_FAILURE
+    stats = cache.stats()
+    ratio = stats.get("hit_ratio")
+    print(f"directory  {stats.get('directory')}")
+    print(f"entries    {stats.get('entries')}")
+    print(f"size       {stats.get('size_bytes')} bytes")
+    print(f"hits       {stats.get('hits')}")
+    print(f"misses     {stats.get('misses')}")
+    print(f"hit ratio  {'-' if ratio is None else f'{ratio:.1%}'}")
+    if stats.get("broken"):
+        print(f"broken     {stats['broken']}")
+    return EXIT_OK
+
+
+def run_cache_clear(args: argparse.Namespace) -> int:
+    cache = _open_cache(args)
+    if cache is None:
+        return EXIT_FAILURE
+    print(f"removed {cache.clear()} entries")
+    return EXIT_OK
+
+
+def run_cache_prune(args: argparse.Namespace) -> int:
+    cache = _open_cache(args)
+    if cache is None:
+        return EXIT_FAILURE
+    print(f"removed {cache.prune()} expired entries")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
 # The commands, and main.
 
 # (name, add_<name>_parser), in the order --help lists them.
 COMMANDS: tuple[tuple[str, Callable[[Subparsers], None]], ...] = (
     ("config", add_config_parser),
     *commands.COMMANDS,
+    ("cache", add_cache_parser),
 )
 
 
