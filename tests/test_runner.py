@@ -262,3 +262,16 @@ def test_simulator_is_a_real_process_here() -> None:
     done = subprocess.run([*SIM, "@sim:echo=sha256 hi"], capture_output=True, timeout=30)
     assert done.returncode == 0
     assert b"sha256:" in done.stdout
+
+
+def test_the_package_exports_the_library_lazily() -> None:
+    import ralph_supervisor
+
+    for name in ralph_supervisor.__all__:
+        assert getattr(ralph_supervisor, name) is not None
+
+    # The simulator starts at every call: importing the package must not
+    # drag the whole library (yaml, diskcache, pybreaker) in with it.
+    code = "import sys, ralph_supervisor.simulator; print('diskcache' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "False"
