@@ -36,6 +36,7 @@ from ralph_supervisor.config import (
     parse_flag,
     render_example,
 )
+from ralph_supervisor.demo import add_demo_parser
 from ralph_supervisor.errors import ConfigError, QChatError
 
 PROG = "ralph-supervisor"
@@ -221,6 +222,7 @@ def run_cache_prune(args: argparse.Namespace) -> int:
 COMMANDS: tuple[tuple[str, Callable[[Subparsers], None]], ...] = (
     ("config", add_config_parser),
     *commands.COMMANDS,
+    ("demo", add_demo_parser),
     ("cache", add_cache_parser),
 )
 
