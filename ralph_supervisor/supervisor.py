@@ -147,6 +147,8 @@ class Supervisor:
         self._slots: list[_Slot] = []
         self._recent_restarts: collections.deque[float] = collections.deque()
         self._signals: collections.deque[int] = collections.deque()
+        # Work other threads hand to the loop (operator actions).
+        self._actions: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -909,6 +911,8 @@ class Supervisor:
     # -- signals, reload, close ---------------------------------------------
 
     def _handle_signals(self) -> None:
+        while self._actions:
+            self._actions.popleft()()
         while self._signals:
             signum = self._signals.popleft()
             if signum in (signal.SIGTERM, signal.SIGINT):
@@ -935,6 +939,26 @@ class Supervisor:
         """Reload the configuration, as SIGHUP does, from the supervisor loop."""
         self._signals.append(signal.SIGHUP)
         self._wake()
+
+    def restart_worker(self, slot_index: int) -> bool:
+        """Replace one worker (an operator's action) once its call finishes.
+
+        False when there is no such slot. The worker finishes the call in
+        flight first: an operator's restart never costs a call.
+        """
+        if not 0 <= slot_index < len(self._slots):
+            return False
+        self._actions.append(lambda: self._recycle(slot_index))
+        self._wake()
+        return True
+
+    def _recycle(self, slot_index: int) -> None:
+        if slot_index >= len(self._slots):
+            return
+        slot = self._slots[slot_index]
+        log.info("restarting worker %s in slot %d at an operator's request", slot.pid, slot_index)
+        # An idle worker stops now; a busy one once its call is answered.
+        self._retire(slot)
 
     def _reload(self) -> None:
         """Apply a new configuration without dropping a call in flight."""

@@ -416,3 +416,17 @@ def test_sigterm_to_the_whole_group_still_drains(tmp_path: Path) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+
+def test_operator_restart_of_one_worker_costs_no_call(tmp_path: Path) -> None:
+    config = make_config(tmp_path, performance__max_concurrent=1)
+    with Supervisor(config) as supervisor:
+        future = supervisor.submit("in flight @sim:latency=0.8")
+        victim = busy_worker(supervisor)
+        assert supervisor.restart_worker(0)
+        assert not supervisor.restart_worker(5)
+
+        assert future.result(timeout=30).attempts == 1
+        assert wait_until(lambda: supervisor.stats()["workers"][0]["pid"] != victim["pid"], 10)
+        assert wait_until(lambda: supervisor.stats()["workers"][0]["state"] == "idle", 10)
+        assert supervisor.stats()["worker_restarts"] == 0
