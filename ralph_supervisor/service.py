@@ -51,6 +51,7 @@ from ralph_supervisor.checkpoint import (
 )
 from ralph_supervisor.config import ensure_private_dir
 from ralph_supervisor.errors import ConfigError
+from ralph_supervisor.health import assess
 from ralph_supervisor.loop import (
     EXIT_OK,
     EXIT_USAGE,
@@ -861,22 +862,8 @@ class Service:
             return base | {"status": "unhealthy", "reasons": ["starting: workers not up yet"]}
 
         stats = supervisor.stats()
-        reasons: list[str] = []
-        status = "healthy"
-        if stats["closing"]:
-            status = "unhealthy"
-            reasons.append("shutting down")
-        elif stats["workers_alive"] == 0:
-            status = "unhealthy"
-            reasons.append("no worker is alive")
-        elif stats["intensity_exceeded"]:
-            status = "unhealthy"
-            reasons.append("workers are restarting too often (supervisor.max_restarts)")
-
+        status, reasons = assess(stats)
         breaker = supervisor.guard.breaker.snapshot()
-        if breaker.get("state") != "closed" and status == "healthy":
-            status = "degraded"
-            reasons.append(f"the circuit breaker is {breaker.get('state')}")
 
         return base | {
             "status": status,
@@ -885,6 +872,7 @@ class Service:
             "workers_alive": stats["workers_alive"],
             "worker_restarts": stats["worker_restarts"],
             "breaker": breaker,
+            "agents": stats.get("agents", []),
             "cache": stats.get("cache", {}),
             "queue": {"queued": stats["queued"], "in_flight": stats["in_flight"]},
             "requests": {"completed": stats["completed"], "failed": stats["failed"]},

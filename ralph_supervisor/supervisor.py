@@ -136,6 +136,9 @@ class Supervisor:
         self.metrics = metrics
         self._reload_config = reload_config
         self.agents = AgentSet(config, self.state_dir, with_cache=True)
+        if metrics is not None:
+            for guard in self.agents.guards:
+                guard.breaker.on_transition = self._on_breaker_transition
 
         self._lock = threading.Lock()
         self._inbox: collections.deque[_Request] = collections.deque()
@@ -800,8 +803,18 @@ class Supervisor:
                 )
                 self._retire(slot)
 
+        # Another process sharing the state directory may have moved a
+        # breaker; the gauge follows the shared state, not our own moves.
+        if self.metrics is not None:
+            for guard in self.agents.guards:
+                self.metrics.breaker_state(guard.name, guard.breaker.state)
+
         if not self._closing:
             self._schedule(WORKER_SAMPLE_INTERVAL, self._sample_workers)
+
+    def _on_breaker_transition(self, name: str, old: str, new: str) -> None:
+        if self.metrics is not None:
+            self.metrics.breaker_transition(name, new)
 
     def _kill_agent_group(self, slot: _Slot) -> None:
         if slot.agent_pgid is None:
