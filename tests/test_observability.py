@@ -54,9 +54,9 @@ def metric(text: str, name: str, **labels: str) -> float:
         if not line.startswith(name) or line.startswith("#"):
             continue
         series, _, value = line.rpartition(" ")
-        if all(f'{key}="{want}"' in series for key, want in labels.items()):
-            if series.split("{")[0] == name:
-                return float(value)
+        labelled = all(f'{key}="{want}"' in series for key, want in labels.items())
+        if labelled and series.split("{")[0] == name:
+            return float(value)
     return 0.0
 
 
