@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -96,6 +97,18 @@ def restore_signals() -> Iterator[None]:
     yield
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[Any]:
+    """Runs ralph-supervisor commands as processes and always cleans up."""
+    from test_start import Runner
+
+    runner = Runner(tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.close()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,15 +215,6 @@ class Runner:
                 continue
             found.append(process)
         return found
-
-
-@pytest.fixture
-def runner(tmp_path: Path) -> Iterator[Runner]:
-    runner = Runner(tmp_path)
-    try:
-        yield runner
-    finally:
-        runner.close()
 
 
 def read_checkpoint(workdir: Path, state: str = ".ralph") -> dict[str, Any]:
