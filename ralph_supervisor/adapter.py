@@ -74,15 +74,19 @@ class QChatAdapter:
         while position < len(order):
             guard = order[position]
             try:
+                guard.breaker.check()
+            except CircuitOpen:
+                position, agent_attempts = position + 1, 0
+                continue
+
+            # Wait for a token first, then ask the breaker: a caller that
+            # waited must not run a call after the circuit opened meanwhile.
+            guard.limiter.acquire(plan.deadline)
+            try:
                 ticket = guard.breaker.admit(lease_seconds=plan.deadline - time.monotonic())
             except CircuitOpen:
                 position, agent_attempts = position + 1, 0
                 continue
-            try:
-                guard.limiter.acquire(plan.deadline)
-            except QChatError:
-                guard.breaker.release(ticket)
-                raise
 
             attempts += 1
             agent_attempts += 1
@@ -168,11 +172,18 @@ class CachedAdapter:
             return cached.as_hit(plan.request_id)
 
         def call_and_store() -> Response:
-            response = self.adapter.run_plan(plan, order)
+            try:
+                response = self.adapter.run_plan(plan, order)
+            except BaseException:
+                # Hosts waiting on this call's answer make the call themselves.
+                self.cache.abandon(key)
+                raise
             answering = agents.guard_named(response.agent) or lookup
             answering_key = answering.cache_key(plan)
             if answering_key is not None:
                 self.cache.put(answering_key, response)
+            if answering_key != key:
+                self.cache.abandon(key)
             return response
 
         response: Response = self.single_flight.run(key, call_and_store)

@@ -64,7 +64,8 @@ from ralph_supervisor.backend import (
     SharedState,
     SharedStateBusy,
     SharedStateError,
-    shared_state_for,
+    shared_state_at,
+    state_dir_key,
 )
 from ralph_supervisor.cache import STORE_ERRORS, is_store_broken, open_private_cache
 from ralph_supervisor.errors import CircuitOpen
@@ -449,7 +450,7 @@ class Breaker:
         self.directory: Path | None = None
         if settings.storage == "disk" and state_dir is not None:
             self.directory = Path(state_dir) / "breaker" / name
-        self._state_dir = state_dir
+        self._state_key = state_dir_key(state_dir)
         self._wants_shared = settings.storage == "disk"
 
         self._circuit_now: _Circuit | None = None
@@ -846,14 +847,15 @@ class Breaker:
         """The redis shared state for a disk breaker, or None."""
         if not self._wants_shared:
             return None
-        shared = shared_state_for(self._state_dir)
+        shared = shared_state_at(self._state_key)
         return None if shared is None or shared.backend == "local" else shared
 
     def _build(self, pid: int, shared: SharedState | None = None) -> _Circuit:
         if shared is not None:
             try:
                 storage = shared.circuit_storage(self.name, self._clock)
-                return self._assemble(pid, storage, shared)
+                if storage is not None:
+                    return self._assemble(pid, storage, shared)
             except SharedStateError:
                 pass  # Gone while building: the state directory stands in.
 
@@ -865,9 +867,7 @@ class Breaker:
                 self._degrade(f"cannot open {self.directory}: {type(error).__name__}: {error}")
         return self._assemble(pid, MemoryCircuitStorage(self._clock))
 
-    def _assemble(
-        self, pid: int, storage: Storage, shared: SharedState | None = None
-    ) -> _Circuit:
+    def _assemble(self, pid: int, storage: Storage, shared: SharedState | None = None) -> _Circuit:
         recorder = _TransitionRecorder(storage, self.reset_timeout)
         breaker = _SharedCircuit(
             fail_max=self.fail_max,

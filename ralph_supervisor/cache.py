@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 
 import diskcache
 
+from ralph_supervisor.backend import SharedStateError, shared_state_at, state_dir_key
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -108,9 +110,15 @@ def is_store_broken(error: BaseException) -> bool:
     return isinstance(error, (OSError, sqlite3.Error))
 
 
-# The errors a diskcache store can raise for reasons of its own (disk,
-# database, contention), as opposed to bugs in the caller.
-STORE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error, diskcache.Timeout)
+# The errors a diskcache store (or the shared state, state.backend redis)
+# can raise for reasons of its own (disk, database, network, contention), as
+# opposed to bugs in the caller.
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    sqlite3.Error,
+    diskcache.Timeout,
+    SharedStateError,
+)
 
 
 def make_private_dir(path: Path) -> None:
@@ -282,6 +290,12 @@ class ResponseCache:
         # found: a child after fork tries the directory again for itself.
         self._broken: tuple[int, str] | None = None
 
+        # state.backend redis: the store every host shares, while it answers.
+        self._state_key = state_dir_key(state_dir)
+        self._wanted = bool(settings.enabled)
+        self._shared_store: Any = None
+        self._shared_of: Any = None
+
     @staticmethod
     def key(
         *,
@@ -302,8 +316,20 @@ class ResponseCache:
             return broken[1]
         return None
 
-    def get(self, key: str) -> Any | None:
-        """Return the stored answer for `key`, or None. Never raises."""
+    def get(self, key: str, *, wait: bool = True) -> Any | None:
+        """Return the stored answer for `key`, or None. Never raises.
+
+        With state.backend redis, a call another host is making now is waited
+        for (up to adapter.timeout) and its answer returned; wait=False looks
+        once and never blocks, for callers that must not (Supervisor.submit).
+        """
+        shared = self._shared()
+        if shared is not None:
+            try:
+                return shared.get(key, wait=wait)
+            except SharedStateError:
+                pass  # Redis went away: this host's own cache answers.
+
         store = self._open()
         if store is None:
             return None
@@ -337,6 +363,14 @@ class ResponseCache:
         """
         if not complete:
             return
+        shared = self._shared()
+        if shared is not None:
+            try:
+                shared.put(key, response)
+                return
+            except SharedStateError:
+                pass
+
         store = self._open()
         if store is None:
             return
@@ -369,7 +403,15 @@ class ResponseCache:
             "misses": 0,
             "hit_ratio": None,
             "broken": self.broken_reason,
+            "backend": "local",
         }
+        shared = self._shared()
+        if shared is not None:
+            try:
+                return result | shared.stats() | {"backend": "redis"}
+            except SharedStateError:
+                pass
+
         store = self._open()
         if store is None:
             return result
@@ -392,15 +434,33 @@ class ResponseCache:
         return result
 
     def clear(self) -> int:
-        """Remove every entry; return how many were removed."""
+        """Remove every entry (the shared ones too, for every host); return
+        how many were removed."""
+        removed = 0
+        shared = self._shared()
+        if shared is not None:
+            with contextlib.suppress(SharedStateError):
+                removed += shared.clear()
+
         store = self._open()
         if store is None:
-            return 0
+            return removed
         try:
-            return int(store.clear(retry=True))
+            return removed + int(store.clear(retry=True))
         except STORE_ERRORS as error:
             self._store_failed(error, "clear")
-            return 0
+            return removed
+
+    def abandon(self, key: str) -> None:
+        """The call for `key` ended without an answer to keep. Never raises.
+
+        With state.backend redis, another host waiting for it makes the call
+        now rather than when the flight's lease runs out.
+        """
+        shared = self._shared()
+        if shared is not None:
+            with contextlib.suppress(SharedStateError):
+                shared.abandon(key)
 
     def prune(self) -> int:
         """Remove expired entries; return how many were removed."""
@@ -417,6 +477,18 @@ class ResponseCache:
         """Close this process's connection to the store (reopened on next use)."""
         if self._store is not None:
             self._store.close()
+
+    def _shared(self) -> Any:
+        """The shared response store while state.backend redis answers, or None."""
+        if not self._wanted:
+            return None
+        state = shared_state_at(self._state_key)
+        if state is None or not state.is_shared:
+            return None
+        if self._shared_of is not state:
+            self._shared_store = state.response_store(self.ttl)
+            self._shared_of = state
+        return self._shared_store
 
     def _open(self) -> diskcache.Cache | None:
         if self._store is None or self.broken_reason is not None:

@@ -172,10 +172,14 @@ def add_cache_parser(subparsers: Subparsers) -> None:
 
 
 def _open_cache(args: argparse.Namespace) -> Any:
+    from ralph_supervisor.backend import open_shared_state
     from ralph_supervisor.cache import ResponseCache
 
     config = load_config_from_args(args)
-    cache = ResponseCache(config.cache, config.state_dir_for(args.workdir))
+    state_dir = config.state_dir_for(args.workdir)
+    # With state.backend redis, the shared cache is the one to show.
+    open_shared_state(config, state_dir)
+    cache = ResponseCache(config.cache, state_dir)
     if cache.directory is None or not cache.directory.is_dir():
         print(f"{PROG}: no cache at {cache.directory}", file=sys.stderr)
         return None

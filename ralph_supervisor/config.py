@@ -230,6 +230,22 @@ class Text(Check):
         return value
 
 
+class RedisUrl(Text):
+    """A URL the redis client opens: redis://, rediss:// (TLS) or unix://."""
+
+    schemes = ("redis", "rediss", "unix")
+
+    def __init__(self) -> None:
+        super().__init__("a redis://, rediss:// or unix:// URL")
+
+    def __call__(self, value: Any) -> Any:
+        value = super().__call__(value)
+        scheme, _, rest = value.partition("://")
+        if scheme.lower() not in self.schemes or not rest:
+            raise Mismatch(self.expected, value)
+        return value
+
+
 class Choice(Check):
     takes_text = True
 
@@ -272,6 +288,38 @@ class LogFormat(Check):
 class _AnyFields(dict[str, Any]):
     def __missing__(self, key: str) -> Any:
         return 0
+
+
+class RuleLimit(Integer):
+    """A count that a rule stops at; 0 turns the rule off."""
+
+    def __init__(self, minimum: int = 1) -> None:
+        super().__init__(minimum=0)
+        self.least = minimum
+        self.expected = f"0 (off) or an integer >= {minimum}"
+
+    def __call__(self, value: Any) -> Any:
+        value = super().__call__(value)
+        if 0 < value < self.least:
+            raise Mismatch(self.expected, value)
+        return value
+
+
+class Ratio(Check):
+    expected = "a number above 0 and at most 1"
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Mismatch(self.expected, value)
+        if not 0 < value <= 1:  # nan fails this too
+            raise Mismatch(self.expected, value)
+        return float(value)
+
+    def from_text(self, text: str) -> Any:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise Mismatch(self.expected, text) from None
 
 
 class Nullable(Check):
@@ -920,12 +968,42 @@ class StateConfig:
     backend: str = setting(
         "local",
         Choice(("local", "redis")),
-        doc="local files, or redis (needs redis_url)",
+        doc="local: breaker, rate limit and cache shared on this host; redis: by all hosts",
     )
     redis_url: str | None = setting(
         None,
-        Nullable(Text("a redis URL")),
-        doc="redis://host:port/db when backend is redis",
+        Nullable(RedisUrl()),
+        doc="redis://host:port/db (rediss:// for TLS) when backend is redis",
+    )
+    redis_tls: bool = setting(
+        False,
+        Flag(),
+        doc="connect to Redis over TLS, as a rediss:// URL does",
+    )
+    redis_tls_ca_file: str | None = setting(
+        None,
+        Nullable(Text("a path")),
+        doc="the CA bundle that signed the Redis server's certificate; null: the system's",
+    )
+    redis_password_file: str | None = setting(
+        None,
+        Nullable(Text("a path")),
+        doc="a file whose first line is the Redis password; or put it in redis_url",
+    )
+    redis_timeout: float = setting(
+        0.3,
+        Seconds(positive=True),
+        doc="seconds Redis has to connect or answer; slower, this host uses local state",
+    )
+    redis_prefix: str = setting(
+        "ralph",
+        Text("a key prefix"),
+        doc="the prefix of every Redis key: one per account whose quota is shared",
+    )
+    redis_retry_interval: float = setting(
+        1,
+        Seconds(positive=True),
+        doc="seconds before reconnecting to Redis after it failed; doubles, up to 30",
     )
 
 
@@ -958,10 +1036,10 @@ class LoopConfig:
         Integer(),
         doc="checkpoint every this many iterations",
     )
-    max_consecutive_failures: int = setting(
+    max_consecutive_failures: int | None = setting(
         5,
-        Integer(),
-        doc="failed iterations in a row before the loop stops",
+        Nullable(RuleLimit()),
+        doc="failed iterations in a row before the loop stops; 0 or null: never",
     )
     max_open_wait: float = setting(
         900,
@@ -972,6 +1050,22 @@ class LoopConfig:
         True,
         Flag(),
         doc="commit the workdir at each checkpoint",
+    )
+    max_idle_iterations: int | None = setting(
+        5,
+        Nullable(RuleLimit()),
+        doc="answers in a row that leave the git work tree unchanged: stop, stalled; "
+        "0 or null: never",
+    )
+    max_repeats: int | None = setting(
+        3,
+        Nullable(RuleLimit(2)),
+        doc="answers in a row alike: stop, repeating; 0 or null: never",
+    )
+    repeat_similarity: float = setting(
+        0.95,
+        Ratio(),
+        doc="how alike two answers must be to count as the same (word by word, 1: equal)",
     )
 
 

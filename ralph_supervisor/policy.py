@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ralph_supervisor.agents import AgentProfile, CompiledPatterns, profile_for
+from ralph_supervisor.backend import open_shared_state
 from ralph_supervisor.breaker import Breaker
 from ralph_supervisor.cache import ResponseCache, cache_key
 from ralph_supervisor.errors import CircuitOpen, QChatAuthError, QChatError
@@ -78,6 +79,7 @@ class AgentGuard:
         self.profile: AgentProfile = profile_for(config.adapter)
         self.name = name or self.profile.name
         self.patterns = CompiledPatterns.of(self.profile)
+        self.shared = open_shared_state(config, state_dir)
         self.breaker = Breaker(self.name, config.breaker, state_dir)
         self.limiter = RateLimiter(config.limits, state_dir, name=self.name)
         self.cache = cache

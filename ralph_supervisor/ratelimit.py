@@ -13,6 +13,11 @@ every process on the host that shares the state directory shares one budget.
 Without requests_per_minute there is no limit and reserve() costs nothing.
 An unusable directory falls back to a bucket in this process, with one
 warning: the limit then holds per process, not per host.
+
+With state.backend redis the bucket lives in Redis and is one budget for
+every host (redis_backend.RedisTokenBucket). While Redis is away, the bucket
+in the state directory takes over with this host's fair share of the rate:
+1/N of it, N being the hosts that took tokens in the last two minutes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ralph_supervisor.backend import SharedStateError, shared_state_at, state_dir_key
 from ralph_supervisor.cache import STORE_ERRORS, ProcessLocalCache, is_store_broken
 from ralph_supervisor.errors import QChatTimeout
 
@@ -88,6 +94,11 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
 
+        # state.backend redis: the bucket every host shares.
+        self._state_key = state_dir_key(state_dir)
+        self._shared_bucket: Any = None
+        self._shared_of: Any = None
+
         # The bucket of this process, when there is no shared one.
         self._local_bucket: Bucket | None = None
         self._local_lock = threading.Lock()
@@ -107,11 +118,19 @@ class RateLimiter:
         if self.unlimited:
             return 0.0
 
+        share = 1.0
+        shared = self._shared()
+        if shared is not None:
+            try:
+                return float(shared.reserve())
+            except SharedStateError:
+                share = shared.share
+
         store = self._open()
         if store is not None:
             try:
                 with store.transact():
-                    bucket, wait = self._take(store.get(_BUCKET))
+                    bucket, wait = self._take(store.get(_BUCKET), share)
                     if bucket is not None:
                         store.set(_BUCKET, bucket)
                 return wait
@@ -128,7 +147,7 @@ class RateLimiter:
                 self._degrade(f"{type(error).__name__}: {error}")
 
         with self._local_lock:
-            bucket, wait = self._take(self._local_bucket)
+            bucket, wait = self._take(self._local_bucket, share)
             if bucket is not None:
                 self._local_bucket = bucket
         return wait
@@ -189,6 +208,7 @@ class RateLimiter:
                 "requests_per_minute": None if self.unlimited else self.rate * 60.0,
                 "burst": None if self.unlimited else self.capacity,
                 "shared": self._store is not None and self.degraded_reason is None,
+                "backend": "redis" if self._shared() is not None else "local",
                 "waits": self.waits,
                 "waited_seconds_total": self.waited_seconds_total,
                 "timeouts": self.timeouts,
@@ -199,25 +219,29 @@ class RateLimiter:
         if self._store is not None:
             self._store.close()
 
-    def _take(self, bucket: Bucket | None) -> tuple[Bucket | None, float]:
+    def _take(self, bucket: Bucket | None, share: float = 1.0) -> tuple[Bucket | None, float]:
         """Refill `bucket` to now and take a token from it.
 
-        Return the bucket to store (None: unchanged) and the wait (0.0: taken).
+        `share` scales rate and capacity: the part of a shared budget this
+        host may use on its own. Return the bucket to store (None:
+        unchanged) and the wait (0.0: taken).
         """
+        rate = self.rate * share
+        capacity = max(1.0, self.capacity * share)
         now = self._clock()
         if bucket is None:
-            last, tokens = now, self.capacity
+            last, tokens = now, capacity
         else:
             last, tokens = bucket
 
         # A clock stepped back (NTP, or a store written before a reboot)
         # refills nothing, and the bucket is re-dated so it refills from now.
         went_back = now < last
-        tokens = min(self.capacity, tokens + max(0.0, now - last) * self.rate)
+        tokens = min(capacity, tokens + max(0.0, now - last) * rate)
         if tokens >= 1.0 - _TOKEN_EPSILON:
             return (now, max(0.0, tokens - 1.0)), 0.0
 
-        wait = (1.0 - tokens) / self.rate
+        wait = (1.0 - tokens) / rate
         return ((now, tokens) if went_back else None), wait
 
     def _count(self, waited: float, *, timed_out: bool = False) -> None:
@@ -227,6 +251,17 @@ class RateLimiter:
                 self.waited_seconds_total += waited
             if timed_out:
                 self.timeouts += 1
+
+    def _shared(self) -> Any:
+        """The shared bucket with state.backend redis, or None. Kept while
+        Redis is away: it knows how many hosts share the rate."""
+        state = shared_state_at(self._state_key)
+        if state is None or state.backend == "local":
+            return None
+        if self._shared_of is not state:
+            self._shared_bucket = state.token_bucket(self.name, self.rate, self.capacity)
+            self._shared_of = state
+        return self._shared_bucket
 
     def _open(self) -> Any:
         if self._store is None or self.degraded_reason is not None:

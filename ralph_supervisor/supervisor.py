@@ -66,6 +66,9 @@ _CONTEXT.set_forkserver_preload(["ralph_supervisor.forkserver_init"])
 # supervisor.max_worker_memory_mb.
 WORKER_SAMPLE_INTERVAL = 2.0
 
+# What _start_attempt says when the rate limit made a request wait.
+RATE_LIMITED = "rate-limited"
+
 # Slot states.
 STARTING, IDLE, BUSY, STOPPING, DEAD = "starting", "idle", "busy", "stopping", "dead"
 
@@ -286,7 +289,8 @@ class Supervisor:
         plan.cache_key = first.cache_key(plan)
         cache = self.agents.cache
         if plan.cache_key is not None and cache is not None:
-            cached = cache.get(plan.cache_key)
+            # Never block the caller, even for another host's call in flight.
+            cached = cache.get(plan.cache_key, wait=False)
             if cached is not None:
                 self._record_cache(hit=True)
                 self._count("completed")
@@ -447,7 +451,10 @@ class Supervisor:
             request = self._queue.popleft()
             if request.done:
                 continue
-            self._start_attempt(request, slot)
+            if self._start_attempt(request, slot) == RATE_LIMITED:
+                # The bucket is empty: the requests behind wait for their
+                # turn too; asking again for each costs a store round trip.
+                return
 
     def _idle_slot(self) -> _Slot | None:
         for slot in self._slots:
@@ -455,15 +462,16 @@ class Supervisor:
                 return slot
         return None
 
-    def _start_attempt(self, request: _Request, slot: _Slot) -> None:
+    def _start_attempt(self, request: _Request, slot: _Slot) -> str | None:
+        """Send one attempt to the slot's worker; RATE_LIMITED if it must wait."""
         now = time.monotonic()
         if now >= request.plan.deadline:
             self._fail(request, request.last_error or QChatTimeout("the deadline passed"))
-            return
+            return None
 
         guard = self._admit(request, now)
         if guard is None:
-            return
+            return None
 
         wait = guard.limiter.reserve()
         if wait > 0:
@@ -478,10 +486,10 @@ class Supervisor:
                         "no call slot under limits.requests_per_minute before the deadline"
                     ),
                 )
-                return
+                return RATE_LIMITED
             self._record_ratelimit_wait(guard, wait)
             self._schedule(wait, lambda: self._requeue(request, front=True))
-            return
+            return RATE_LIMITED
 
         request.attempts += 1
         request.agent_attempts += 1
@@ -498,6 +506,7 @@ class Supervisor:
             # death handling retries the request.
             log.warning("worker %s did not take request %s", slot.pid, request.id)
         self._set_active()
+        return None
 
     def _admit(self, request: _Request, now: float) -> AgentGuard | None:
         """The agent for this attempt, with its breaker's ticket; None: failed.
@@ -658,8 +667,11 @@ class Supervisor:
         # Stored under the key of the agent that answered.
         guard = request.guard
         key = guard.cache_key(request.plan) if guard is not None else None
-        if key is not None and self.agents.cache is not None:
-            self.agents.cache.put(key, response)
+        cache = self.agents.cache
+        if key is not None and cache is not None:
+            cache.put(key, response)
+        if cache is not None and request.plan.cache_key not in (None, key):
+            cache.abandon(str(request.plan.cache_key))
         self._observe(request, "success", None)
         self._count("completed")
         self._resolve(request, response, None)
@@ -673,6 +685,9 @@ class Supervisor:
             request.ticket = None
         self._observe(request, "error", error.kind)
         self._count("failed")
+        if request.plan.cache_key is not None and self.agents.cache is not None:
+            # Hosts waiting on this call's answer make the call themselves.
+            self.agents.cache.abandon(request.plan.cache_key)
         self._resolve(request, None, error)
 
     def _resolve(
@@ -1097,6 +1112,7 @@ class Supervisor:
 
         cache = self.agents.cache
         cache_stats = cache.stats() if cache is not None else {}
+        shared_ok, shared_reason = self.guard.shared.health()
         return {
             "workers": workers,
             "workers_alive": sum(1 for w in workers if w["state"] in (IDLE, BUSY, STARTING)),
@@ -1113,6 +1129,11 @@ class Supervisor:
             "cache_misses": self.counters["cache_misses"],
             "cache": cache_stats,
             "intensity_exceeded": self.intensity_exceeded,
+            "shared_state": {
+                "backend": self.guard.shared.backend,
+                "ok": shared_ok,
+                "reason": shared_reason,
+            },
             "closing": self._closing,
         }
 
