@@ -10,8 +10,8 @@ this package too, and must not pay for the whole library at every start.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+# typing imports re and more; mypy treats this name as true all the same.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -67,7 +67,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
+    import importlib
+
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'ralph_supervisor' has no attribute {name!r}")
