@@ -91,7 +91,7 @@ class QChatAdapter:
             attempts += 1
             agent_attempts += 1
             try:
-                response = run_call(guard.spec(plan, in_worker=False))
+                response = run_call(guard.spec(plan))
             except QChatError as error:
                 guard.breaker.record(ticket, error)
                 self.agents.on_failure(guard, error)

@@ -112,7 +112,7 @@ class AgentGuard:
             agent=self.name,
         )
 
-    def spec(self, plan: CallPlan, *, in_worker: bool) -> CallSpec:
+    def spec(self, plan: CallPlan) -> CallSpec:
         """One attempt: this agent's timeout, within the call's deadline."""
         argv = self.argv()
         deadline = min(plan.deadline, time.monotonic() + self.config.adapter.timeout)
@@ -126,7 +126,6 @@ class AgentGuard:
             patterns=self.patterns,
             agent=self.name,
             request_id=plan.request_id,
-            die_with_parent=in_worker,
         )
 
     def may_retry(self, error: BaseException, attempts: int) -> bool:

@@ -22,7 +22,6 @@ and so the process group id, from being reused under us.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import selectors
@@ -69,7 +68,9 @@ ERROR_FOR_KIND: Mapping[str, type[QChatError]] = {
     "service": QChatServiceError,
 }
 
-_PR_SET_PDEATHSIG = 1
+# Every agent carries its request id in this variable, so that an agent
+# whose worker died before naming its process group can still be found.
+REQUEST_ENV = "RALPH_SUPERVISOR_REQUEST"
 
 
 def strip_ansi(text: str) -> str:
@@ -105,11 +106,6 @@ class CallSpec:
     patterns: CompiledPatterns | None = None
     agent: str = "q"
     request_id: str | None = None
-
-    # Ask the kernel to kill the agent when the thread that started it
-    # dies. Only safe in a single-threaded process (the worker), since it
-    # needs a preexec_fn.
-    die_with_parent: bool = False
 
 
 @dataclass
@@ -187,6 +183,8 @@ def _spawn(spec: CallSpec, argv: list[str], *, with_stdin: bool) -> subprocess.P
     env = dict(os.environ)
     env.update(spec.env)
     env["NO_COLOR"] = "1"
+    if spec.request_id:
+        env[REQUEST_ENV] = spec.request_id
 
     try:
         return subprocess.Popen(
@@ -196,9 +194,10 @@ def _spawn(spec: CallSpec, argv: list[str], *, with_stdin: bool) -> subprocess.P
             stderr=subprocess.PIPE,
             cwd=spec.cwd,
             env=env,
+            # No preexec_fn: it would make subprocess fork instead of vfork,
+            # about 5 ms more for every call from a 40 MB worker.
             start_new_session=True,
             close_fds=True,
-            preexec_fn=_die_with_parent if spec.die_with_parent else None,
         )
     except FileNotFoundError as error:
         raise _not_startable(spec, argv, f"command not found: {argv[0]}") from error
@@ -218,11 +217,6 @@ def _not_startable(spec: CallSpec, argv: list[str], reason: str) -> QChatProcess
     error.retryable = False
     error.trips_breaker = False
     return error
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class _Call:
@@ -482,6 +476,27 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def kill_agents_of(request_id: str) -> int:
+    """SIGKILL the process group of every agent running for this request.
+
+    For an agent whose worker died before reporting its process group. It
+    reads every process's environment, so it is for that rare case only.
+    Returns how many groups were killed.
+    """
+    import psutil
+
+    marker = request_id
+    groups = set()
+    for process in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.environ().get(REQUEST_ENV) == marker:
+                groups.add(os.getpgid(process.pid))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    return len(groups)
 
 
 def tree_rss(pid: int) -> int:

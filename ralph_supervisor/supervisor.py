@@ -55,7 +55,7 @@ from ralph_supervisor.errors import (
 )
 from ralph_supervisor.logs import NAMESPACE, handle_forwarded
 from ralph_supervisor.policy import AgentGuard, AgentSet, CallPlan
-from ralph_supervisor.runner import Response
+from ralph_supervisor.runner import Response, kill_agents_of
 
 log = logging.getLogger("ralph_supervisor.supervisor")
 
@@ -495,7 +495,7 @@ class Supervisor:
         request.agent_attempts += 1
         request.guard = guard
         request.dispatched_at = now
-        spec = guard.spec(request.plan, in_worker=True)
+        spec = guard.spec(request.plan)
         slot.state = BUSY
         slot.request = request
         slot.agent_pgid = None
@@ -759,7 +759,12 @@ class Supervisor:
 
         # The agent runs in its own process group and outlives its worker:
         # kill that group before the request runs anywhere else.
+        group_known = slot.agent_pgid is not None
         self._kill_agent_group(slot)
+        if request is not None and request.dispatched_at is not None and not group_known:
+            # The worker may have died between starting the agent and
+            # naming its group: find it by the request id it carries.
+            kill_agents_of(request.id)
         with contextlib.suppress(Exception):
             if slot.conn is not None:
                 slot.conn.close()

@@ -7,10 +7,12 @@
         | <-- ("done", request_id, outcome)      Response or QChatError
         | ("stop",) -->                          exit between calls
 
-A worker runs one call at a time, in its main thread only, so the agent
-can be started with PR_SET_PDEATHSIG: if this worker dies, the kernel kills
-the agent it started. Grandchildren are the parent's job: it kills the
-agent's whole process group when it sees this worker die.
+A worker runs one call at a time. If it is stopped (SIGUSR2 from the
+parent, or SIGTERM once the supervisor is gone) the runner's cleanup kills
+the agent's process group. If it is killed outright, the parent kills that
+group when it sees the worker die: by the pgid the worker reported, or, if
+the worker died before reporting it, by the request id every agent carries
+in its environment.
 """
 
 from __future__ import annotations

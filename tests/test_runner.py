@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -275,3 +276,29 @@ def test_the_package_exports_the_library_lazily() -> None:
     code = "import sys, ralph_supervisor.simulator; print('diskcache' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "False"
+
+
+def test_agents_carry_their_request_id_and_can_be_found_by_it() -> None:
+    from ralph_supervisor.runner import REQUEST_ENV, kill_agents_of
+
+    spec = CallSpec(
+        argv=(sys.executable, "-c", f"import os; print(os.environ['{REQUEST_ENV}'])"),
+        prompt="x",
+        deadline=time.monotonic() + 10,
+        request_id="req-123",
+    )
+    assert run_call(spec).text.strip() == "req-123"
+
+    # An agent whose worker never named its group is still found and killed.
+    orphan = subprocess.Popen(
+        ["sleep", "30"],
+        env={**os.environ, REQUEST_ENV: "req-lost"},
+        start_new_session=True,
+    )
+    try:
+        assert kill_agents_of("req-lost") == 1
+        assert orphan.wait(timeout=10) == -9
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait(10)
