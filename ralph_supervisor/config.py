@@ -71,6 +71,7 @@ AGENT_ADAPTER_KEYS = (
     "retry_delay",
     "max_retry_delay",
     "kill_grace",
+    "attempt_timeout",
     "failure_patterns",
 )
 AGENT_SECTIONS = ("breaker", "limits")
@@ -305,8 +306,12 @@ class RuleLimit(Integer):
         return value
 
 
-class Ratio(Check):
-    expected = "a number above 0 and at most 1"
+class Ratio(Number):
+    """A fraction: above 0, at most 1."""
+
+    def __init__(self) -> None:
+        super().__init__(positive=True)
+        self.expected = "a number above 0 and at most 1"
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -314,12 +319,6 @@ class Ratio(Check):
         if not 0 < value <= 1:  # nan fails this too
             raise Mismatch(self.expected, value)
         return float(value)
-
-    def from_text(self, text: str) -> Any:
-        try:
-            return float(text.strip())
-        except ValueError:
-            raise Mismatch(self.expected, text) from None
 
 
 class Nullable(Check):
@@ -662,6 +661,12 @@ class AdapterConfig:
         3,
         Seconds(positive=False),
         doc="seconds from SIGTERM to SIGKILL when a call is stopped",
+    )
+    attempt_timeout: float | None = setting(
+        None,
+        Nullable(Seconds(positive=True)),
+        env="QCHAT_ATTEMPT_TIMEOUT",
+        doc="seconds one attempt may take, so a hung one leaves time to retry; null: all",
     )
     failure_patterns: Mapping[str, tuple[str, ...]] = setting(
         {},

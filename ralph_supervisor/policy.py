@@ -113,9 +113,17 @@ class AgentGuard:
         )
 
     def spec(self, plan: CallPlan) -> CallSpec:
-        """One attempt: this agent's timeout, within the call's deadline."""
+        """One attempt: this agent's timeouts, within the call's deadline.
+
+        adapter.attempt_timeout bounds one attempt, so that an attempt that
+        hangs leaves time for another before the call's deadline.
+        """
         argv = self.argv()
-        deadline = min(plan.deadline, time.monotonic() + self.config.adapter.timeout)
+        adapter = self.config.adapter
+        budget = adapter.timeout
+        if adapter.attempt_timeout is not None:
+            budget = min(budget, adapter.attempt_timeout)
+        deadline = min(plan.deadline, time.monotonic() + budget)
         return CallSpec(
             argv=(*argv, *self.profile.prompt_flag),
             stdin_argv=(*argv, *self.profile.stdin_marker),

@@ -86,6 +86,7 @@ class _Request:
     ticket: Any = None
     last_error: QChatError | None = None
     dispatched_at: float | None = None
+    attempt_deadline: float | None = None
     done: bool = False
 
     @property
@@ -496,6 +497,7 @@ class Supervisor:
         request.guard = guard
         request.dispatched_at = now
         spec = guard.spec(request.plan)
+        request.attempt_deadline = spec.deadline
         slot.state = BUSY
         slot.request = request
         slot.agent_pgid = None
@@ -918,7 +920,7 @@ class Supervisor:
 
     def _hang_deadline(self, request: _Request) -> float:
         grace = self.config.adapter.kill_grace + self.config.supervisor.hang_grace
-        return request.plan.deadline + grace
+        return (request.attempt_deadline or request.plan.deadline) + grace
 
     def _check_hung(self) -> None:
         now = time.monotonic()

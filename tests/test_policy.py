@@ -365,3 +365,39 @@ def test_wait_until_helper_is_bounded() -> None:
     started = time.monotonic()
     assert not wait_until(lambda: False, timeout=0.2)
     assert time.monotonic() - started < 1.0
+
+
+HANG_ONCE_AGENT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    counter = Path(sys.argv[1])
+    calls = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(calls))
+    if calls == 1:
+        time.sleep(60)
+    print(f"answer on call {calls}")
+    """
+)
+
+
+@pytest.mark.parametrize("face", ["adapter", "supervisor"])
+def test_attempt_timeout_leaves_time_to_retry_a_hang(tmp_path: Path, face: str) -> None:
+    script = tmp_path / "hang_once.py"
+    script.write_text(HANG_ONCE_AGENT)
+    config = make_config(
+        tmp_path,
+        adapter__command=[sys.executable, str(script), str(tmp_path / "calls")],
+        adapter__timeout=30,
+        adapter__attempt_timeout=1.0,
+        adapter__kill_grace=0.2,
+    )
+    started = time.monotonic()
+    if face == "adapter":
+        response = QChatAdapter(config).execute("hello")
+    else:
+        with Supervisor(config) as supervisor:
+            response = supervisor.execute("hello")
+    assert response.text.strip() == "answer on call 2"
+    assert response.attempts == 2
+    assert time.monotonic() - started < 15
