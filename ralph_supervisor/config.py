@@ -683,7 +683,7 @@ class PerformanceConfig:
         4096,
         Integer(),
         env="QCHAT_BUFFER_SIZE",
-        doc="bytes read from the agent's pipes at a time",
+        doc="bytes read from the agent's pipes at a time (more when more is waiting)",
     )
     poll_interval: float = setting(
         0.1,
