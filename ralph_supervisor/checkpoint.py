@@ -5,6 +5,8 @@
       checkpoint.json.corrupt-TIME    a checkpoint that could not be read, kept
       checkpoint.json.fresh-TIME      the one `start --fresh` moved aside
       iterations/0001.log             each iteration's output (loop.py)
+      history.jsonl                   one line per iteration (history.py)
+      snapshot.index                  history.py's own git index
       .gitignore                      "*": state never lands in the user's commits
 
 A checkpoint is written to a temporary file in its own directory, fsynced,
@@ -89,10 +91,13 @@ class Checkpoint:
     started_at: str = field(default_factory=utc_now)
     updated_at: str = field(default_factory=utc_now)
     stop_reason: str | None = None
+    stop_message: str | None = None
     successes: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     attempts: int = 0
     consecutive_failures: int = 0
+    idle_iterations: int = 0
+    repeat_count: int = 0
     runtime_s: float = 0.0
     last_outcome: str | None = None
     last_error: str | None = None
@@ -140,10 +145,13 @@ _FIELDS: tuple[tuple[str, Any, bool], ...] = (
     ("started_at", str, True),
     ("updated_at", str, False),
     ("stop_reason", (str, type(None)), False),
+    ("stop_message", (str, type(None)), False),
     ("successes", int, False),
     ("failures", dict, False),
     ("attempts", int, False),
     ("consecutive_failures", int, False),
+    ("idle_iterations", int, False),
+    ("repeat_count", int, False),
     ("runtime_s", (int, float), False),
     ("last_outcome", (str, type(None)), False),
     ("last_error", (str, type(None)), False),
@@ -296,14 +304,20 @@ class GitOutcome:
 
 
 def _git(
-    args: list[str], cwd: Path, *, timeout: float = GIT_TIMEOUT
+    args: list[str],
+    cwd: Path,
+    *,
+    timeout: float = GIT_TIMEOUT,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run one git command; kill its whole process group if it overruns.
 
     subprocess.run's timeout kills git alone, and a hook or credential
     helper it started would keep the pipes open and the call hanging.
+    `extra_env` adds variables (history.py points GIT_INDEX_FILE at its own
+    index).
     """
-    env = dict(os.environ)
+    env = dict(os.environ) | (extra_env or {})
     env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password nobody will type
     env.setdefault("LC_ALL", "C")
     process = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""The service commands: start, status, stop and ask.
+"""The service commands: start, status, stop, ask and report.
 
 Each is add_<name>_parser(subparsers), which adds the parser and sets its
 handler; a handler takes the parsed arguments and returns the exit code.
@@ -9,9 +9,11 @@ start   run the loop in the foreground (service.py)
           1 failed: failures in a row, the breaker open too long, a bad prompt
           2 bad usage or configuration, or already running
           3 a limit: --max-iterations or --max-runtime
-          4 reserved: stalled
+          4 no progress: stalled or repeating
 status  0 running, 1 not running
 stop    0 stopped, 1 was not running, 3 still running after --timeout
+report  0 a report, 1 no loop has run there or --plot cannot be drawn
+        (report.py)
 
 ask     one prompt through the cached, guarded adapter; the answer on stdout.
         Its exit codes follow sysexits.h where one fits:
@@ -99,6 +101,9 @@ exit codes:
   1  failed: failures in a row, the breaker open too long, or a bad prompt
   2  bad usage or configuration, or already running
   3  a limit was reached: --max-iterations or --max-runtime
+  4  no progress: answers that change nothing in the work tree
+     (loop.max_idle_iterations) or the same answer again and again
+     (loop.max_repeats)
   With several tasks, the worst code wins (2 > 1 > 4 > 3 > 0).
 
 A task is done when an answer holds loop.completion_promise (LOOP_COMPLETE),
@@ -706,10 +711,21 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# ---------------------------------------------------------------------------
+# report
+
+
+def add_report_parser(subparsers: Subparsers) -> None:
+    from ralph_supervisor.report import add_report_parser as add_parser
+
+    add_parser(subparsers)
+
+
 # (name, add_<name>_parser), for cli.COMMANDS.
 COMMANDS: tuple[tuple[str, Callable[[Subparsers], None]], ...] = (
     ("start", add_start_parser),
     ("status", add_status_parser),
     ("stop", add_stop_parser),
     ("ask", add_ask_parser),
+    ("report", add_report_parser),
 )

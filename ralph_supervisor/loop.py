@@ -7,9 +7,15 @@
       +-> Supervisor.submit(prompt, cwd=workdir, timeout=runtime left)
       |     CircuitOpen: wait for the breaker's next trial (no iteration
       |     spent), up to loop.max_open_wait
-      +-> keep the output in STATE_DIR/iterations/NNNN.log, log one line
+      +-> keep the output in STATE_DIR/iterations/NNNN.log, log one line,
+      |   append a record to STATE_DIR/history.jsonl (history.py): what the
+      |   iteration changed in the work tree, and how like the last answer
+      |   this one is
       +-> the completion promise in the answer: done
       +-> loop.max_consecutive_failures failed in a row: give up
+      +-> no progress: loop.max_idle_iterations answers in a row that
+      |   changed nothing (stalled), or loop.max_repeats answers in a row
+      |   alike (repeating)
       +-> every checkpoint_interval iterations, and at every stop:
             checkpoint.json, then a git commit of the workdir
 
@@ -22,7 +28,7 @@ The result's exit code follows `start`'s table:
     0  complete, or stopped by a signal
     1  failed: failures in a row, the breaker open too long, a broken prompt
     3  a limit: max_iterations or max_runtime
-    4  stalled (reserved)
+    4  no progress: stalled or repeating
     2  bad usage or configuration (decided before the loop runs)
 
 With several tasks the worst code wins, in the order 2 > 1 > 4 > 3 > 0.
@@ -40,6 +46,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,15 @@ from ralph_supervisor.errors import (
     QChatError,
     QChatTimeout,
     SupervisorClosed,
+)
+from ralph_supervisor.history import (
+    HISTORY_NAME,
+    Change,
+    HistoryWriter,
+    SnapshotFailed,
+    WorkTreeProbe,
+    output_digest,
+    similarity,
 )
 from ralph_supervisor.runner import Response
 
@@ -97,6 +113,13 @@ PROMPT_SETTLE = 1.0
 # Durations kept for the summary's percentiles.
 DURATION_WINDOW = 1000
 
+# An error's message, cut to this length in a history record.
+HISTORY_ERROR_CHARS = 300
+
+# The reasons a loop that makes no progress stops with (exit 4).
+STALLED = "stalled"
+REPEATING = "repeating"
+
 
 def worst_exit_code(codes: Iterable[int]) -> int:
     """The exit code of several tasks: the most severe of theirs."""
@@ -129,8 +152,11 @@ class LoopSettings:
     max_iterations: int = 100
     max_runtime: float = 14400.0
     checkpoint_interval: int = 5
-    max_consecutive_failures: int = 5
+    max_consecutive_failures: int | None = 5
     max_open_wait: float = 900.0
+    max_idle_iterations: int | None = 5
+    max_repeats: int | None = 3
+    repeat_similarity: float = 0.95
     completion_promise: str = "LOOP_COMPLETE"
     git_commit: bool = True
     use_cache: bool = False
@@ -143,8 +169,12 @@ class LoopSettings:
             max_iterations=loop.max_iterations,
             max_runtime=loop.max_runtime,
             checkpoint_interval=loop.checkpoint_interval,
-            max_consecutive_failures=loop.max_consecutive_failures,
+            # 0 and null both turn a rule off; None is the one way to say it here.
+            max_consecutive_failures=loop.max_consecutive_failures or None,
             max_open_wait=loop.max_open_wait,
+            max_idle_iterations=loop.max_idle_iterations or None,
+            max_repeats=loop.max_repeats or None,
+            repeat_similarity=loop.repeat_similarity,
             completion_promise=loop.completion_promise,
             git_commit=loop.git_commit,
             # A cached answer skips the agent's edits: off unless asked.
@@ -175,6 +205,15 @@ class _Outcome:
     attempts: int
     response: Response | None = None
     error: QChatError | None = None
+    started_at: float = 0.0  # time.time(), for the history
+    change: Change | None = None  # None: not measured
+    similarity: float | None = None  # to the last answer; None: nothing to compare
+
+    @property
+    def output(self) -> str:
+        if self.response is not None:
+            return self.response.text
+        return getattr(self.error, "partial_output", "") or ""
 
     @property
     def ok(self) -> bool:
@@ -213,6 +252,8 @@ class RalphLoop:
         self.clock = clock
         self.store = CheckpointStore(task.state_dir)
         self.iterations_dir = task.state_dir / ITERATIONS_DIR
+        self.history = HistoryWriter(task.state_dir / HISTORY_NAME)
+        self.probe = WorkTreeProbe(task.workdir, task.state_dir)
 
         self.state = Checkpoint(task=task.name)
         self.resumed_from: int | None = None
@@ -226,6 +267,14 @@ class RalphLoop:
         self._rejected_once = False
         self._durations: collections.deque[float] = collections.deque(maxlen=DURATION_WINDOW)
         self._last_duration: float | None = None
+
+        # Progress: the work tree before the next iteration (None: not
+        # measured), the last answer, and the kinds of the failures in a row.
+        self._measuring = False
+        self._tree: str | None = None
+        self._snapshot_failing = False
+        self._last_answer: str | None = None
+        self._failure_kinds: list[str] = []
 
     # -- preparing ----------------------------------------------------------
 
@@ -260,15 +309,20 @@ class RalphLoop:
         self.state.prompt_file = str(self.task.prompt_file)
         self.state.status = RUNNING
         self.state.stop_reason = None
-        # A new run gets a fresh allowance of failures: a restart is often
-        # the operator's fix (a new login, a network back).
+        self.state.stop_message = None
+        # A new run gets a fresh allowance of failures and of idle or
+        # repeated answers: a restart is often the operator's fix (a new
+        # login, a network back, a clearer prompt).
         self.state.consecutive_failures = 0
+        self.state.idle_iterations = 0
+        self.state.repeat_count = 0
         self._runtime_before = self.state.runtime_s
         return None
 
     def _move_old_run_aside(self) -> None:
         kept = self.store.move_aside("fresh")
         logs = move_aside(self.iterations_dir, "fresh")
+        move_aside(self.history.path, "fresh")
         if kept is not None or logs is not None:
             log.info(
                 "task %s: starting fresh; the old checkpoint is kept as %s",
@@ -316,6 +370,7 @@ class RalphLoop:
 
         self._run_started = self.clock()
         try:
+            self._start_measuring()
             while True:
                 self._step()
         except _Stop as stop:
@@ -346,8 +401,10 @@ class RalphLoop:
         if has_task_complete_marker(prompt):
             raise self._complete("task_complete_marker", "the prompt file marks the task done")
 
+        self._snapshot_before()
         number = self.state.iteration + 1
         started = self.clock()
+        started_at = time.time()
         try:
             future = self._submit(prompt)
             response = self._wait(future)
@@ -361,9 +418,9 @@ class RalphLoop:
             self._on_rejected(error)
             return
         except QChatError as error:
-            outcome = self._record(number, started, None, error)
+            outcome = self._record(number, started, started_at, None, error)
         else:
-            outcome = self._record(number, started, response, None)
+            outcome = self._record(number, started, started_at, response, None)
 
         self._after(outcome)
 
@@ -441,6 +498,7 @@ class RalphLoop:
         self,
         number: int,
         started: float,
+        started_at: float,
         response: Response | None,
         error: QChatError | None,
     ) -> _Outcome:
@@ -453,6 +511,12 @@ class RalphLoop:
         else:
             assert error is not None
             outcome = _Outcome(number, error.kind, duration, error.attempts, error=error)
+        outcome.started_at = started_at
+        outcome.change = self._measure_change()
+        if response is not None and self._last_answer is not None:
+            outcome.similarity = similarity(
+                self._last_answer, response.text, self.settings.repeat_similarity
+            )
 
         self._rejected_once = False
         with self._lock:
@@ -464,15 +528,19 @@ class RalphLoop:
                 state.successes += 1
                 state.consecutive_failures = 0
                 state.last_error = None
+                self._failure_kinds.clear()
             else:
                 kind = outcome.outcome
                 state.failures[kind] = state.failures.get(kind, 0) + 1
                 state.consecutive_failures += 1
                 state.last_error = str(error)
+                self._failure_kinds.append(kind)
+            self._count_progress(outcome)
             self._durations.append(duration)
             self._last_duration = duration
 
         self._write_iteration_log(outcome)
+        self._append_history(outcome)
         self._log_iteration(outcome)
         if self.metrics is not None:
             self.metrics.loop_iteration(self.task.name, outcome.outcome)
@@ -511,20 +579,135 @@ class RalphLoop:
 
         failures = self.state.consecutive_failures
         limit = self.settings.max_consecutive_failures
-        if failures >= limit:
+        if limit and failures >= limit:
             raise _Stop(
                 FAILED,
                 EXIT_FAILED,
                 "consecutive_failures",
-                f"{failures} iterations failed in a row (loop.max_consecutive_failures="
-                f"{limit}); the last: {self.state.last_error}",
+                f"{failures} iterations failed in a row with {self._failure_names()} "
+                f"(loop.max_consecutive_failures={limit}); the last: {self.state.last_error}",
             )
+
+        self._check_progress()
 
         if number % self.settings.checkpoint_interval == 0:
             self._checkpoint(RUNNING)
 
     def _complete(self, reason: str, message: str) -> _Stop:
         return _Stop(COMPLETE, EXIT_OK, reason, message)
+
+    def _failure_names(self) -> str:
+        """The error kinds of the failures in a row: "timeout", "timeout x2, auth x1"."""
+        counts = collections.Counter(self._failure_kinds)
+        if len(counts) == 1:
+            return next(iter(counts))
+        return ", ".join(f"{kind} x{count}" for kind, count in counts.most_common())
+
+    # -- progress: stalled, repeating ----------------------------------------
+
+    def _start_measuring(self) -> None:
+        """Find out once whether the work tree's changes can be measured."""
+        self._measuring = self.probe.start()
+        if self._measuring or not self.settings.max_idle_iterations:
+            return
+        log.warning(
+            "task %s: %s is not in a git work tree, so changes cannot be measured: "
+            "the no-change rule (loop.max_idle_iterations) is off for this run",
+            self.task.name,
+            self.task.workdir,
+            extra={"task": self.task.name, "workdir": str(self.task.workdir)},
+        )
+
+    def _snapshot(self) -> str | None:
+        """The work tree as a git tree id, or None when it cannot be had."""
+        if not self._measuring:
+            return None
+        try:
+            tree = self.probe.snapshot()
+        except SnapshotFailed as error:
+            if not self._snapshot_failing:
+                log.warning(
+                    "task %s: cannot snapshot the work tree (%s); changes go unmeasured "
+                    "and the no-change rule waits until it works again",
+                    self.task.name,
+                    error,
+                    extra={"task": self.task.name},
+                )
+            self._snapshot_failing = True
+            return None
+        if self._snapshot_failing:
+            log.info("task %s: work tree snapshots work again", self.task.name)
+        self._snapshot_failing = False
+        return tree
+
+    def _snapshot_before(self) -> None:
+        # The tree after one iteration is the tree before the next; only the
+        # first iteration of a run (or one after a failed snapshot) needs one.
+        if self._tree is None:
+            self._tree = self._snapshot()
+
+    def _measure_change(self) -> Change | None:
+        before, after = self._tree, self._snapshot()
+        self._tree = after
+        if before is None or after is None:
+            return None
+        try:
+            return self.probe.diff(before, after)
+        except SnapshotFailed as error:
+            log.warning(
+                "task %s: cannot measure what the iteration changed: %s",
+                self.task.name,
+                error,
+                extra={"task": self.task.name},
+            )
+            return None
+
+    def _count_progress(self, outcome: _Outcome) -> None:
+        """Update the idle and repeat counters; the caller holds the lock.
+
+        Only answers count. A failed call is the failure rule's business:
+        it neither counts as idle nor breaks a row of repeated answers,
+        though a change it left behind is progress all the same.
+        """
+        state = self.state
+        change = outcome.change
+        if change is not None and change.changed:
+            state.idle_iterations = 0
+        elif change is not None and outcome.ok:
+            state.idle_iterations += 1
+
+        if outcome.response is None:
+            return
+        alike = outcome.similarity is not None and (
+            outcome.similarity >= self.settings.repeat_similarity
+        )
+        state.repeat_count = state.repeat_count + 1 if alike else 1
+        self._last_answer = outcome.response.text
+
+    def _check_progress(self) -> None:
+        """Stop a loop whose agent answers but gets nowhere (exit 4)."""
+        state = self.state
+        idle_limit = self.settings.max_idle_iterations
+        if idle_limit and self._measuring and state.idle_iterations >= idle_limit:
+            raise _Stop(
+                STOPPED,
+                EXIT_STALLED,
+                STALLED,
+                f"no change to the work tree in {state.idle_iterations} iterations in a row "
+                f"(loop.max_idle_iterations={idle_limit}): the agent answers but edits "
+                f"nothing; read its answers in {self.iterations_dir}, then fix the prompt",
+            )
+
+        repeat_limit = self.settings.max_repeats
+        if repeat_limit and state.repeat_count >= repeat_limit:
+            raise _Stop(
+                STOPPED,
+                EXIT_STALLED,
+                REPEATING,
+                f"the same answer {state.repeat_count} times in a row (similarity >= "
+                f"{self.settings.repeat_similarity:g}, loop.max_repeats={repeat_limit}): the "
+                f"agent is going round in circles; read its answers in {self.iterations_dir}",
+            )
 
     # -- limits, stops, the breaker -----------------------------------------
 
@@ -635,29 +818,81 @@ class RalphLoop:
                 extra={"task": self.task.name, "iteration": outcome.number},
             )
 
+    def _append_history(self, outcome: _Outcome) -> None:
+        error = outcome.error
+        change = outcome.change
+        digest, size = output_digest(outcome.output)
+        agent = outcome.response.agent if outcome.response is not None else None
+        started_at = datetime.fromtimestamp(outcome.started_at, UTC)
+        record = {
+            "task": self.task.name,
+            "run": self.state.runs,
+            "number": outcome.number,
+            "agent": agent if agent is not None else getattr(error, "agent", None),
+            "started_at": started_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "duration_s": round(outcome.duration_s, 3),
+            "outcome": outcome.outcome,
+            "error_type": type(error).__name__ if error is not None else None,
+            "error": str(error)[:HISTORY_ERROR_CHARS] if error is not None else None,
+            "attempts": outcome.attempts,
+            "output_sha256": digest,
+            "output_bytes": size,
+            "promise": self.settings.completion_promise in outcome.output,
+            "files_changed": change.files if change is not None else None,
+            "lines_added": change.added if change is not None else None,
+            "lines_removed": change.removed if change is not None else None,
+            "paths": change.paths if change is not None else None,
+            "similarity": None if outcome.similarity is None else round(outcome.similarity, 3),
+            "idle_iterations": self.state.idle_iterations,
+            "repeat_count": self.state.repeat_count,
+        }
+        try:
+            ensure_private_dir(self.task.state_dir)
+            self.history.append(record)
+        except OSError as failure:
+            log.warning(
+                "task %s: cannot append iteration %d to the history %s: %s",
+                self.task.name,
+                outcome.number,
+                self.history.path,
+                failure,
+                extra={"task": self.task.name, "iteration": outcome.number},
+            )
+
     def _log_iteration(self, outcome: _Outcome) -> None:
-        fields = {
+        change = outcome.change
+        fields: dict[str, Any] = {
             "task": self.task.name,
             "iteration": outcome.number,
             "duration_s": round(outcome.duration_s, 3),
             "outcome": outcome.outcome,
             "attempts": outcome.attempts,
+            "idle_iterations": self.state.idle_iterations,
+            "repeat_count": self.state.repeat_count,
         }
+        if change is not None:
+            fields |= {
+                "files_changed": change.files,
+                "lines_added": change.added,
+                "lines_removed": change.removed,
+            }
         if outcome.ok:
             log.info(
-                "task %s: iteration %d %s in %.2f s (%d attempt%s)",
+                "task %s: iteration %d %s in %.2f s (%d attempt%s)%s",
                 self.task.name,
                 outcome.number,
                 outcome.outcome,
                 outcome.duration_s,
                 outcome.attempts,
                 "" if outcome.attempts == 1 else "s",
+                self._describe_progress(change),
                 extra=fields,
             )
             return
+        allowed = self.settings.max_consecutive_failures
         log.warning(
             "task %s: iteration %d failed in %.2f s (%d attempt%s): %s; "
-            "%d failed in a row of %d allowed",
+            "%d failed in a row of %s allowed",
             self.task.name,
             outcome.number,
             outcome.duration_s,
@@ -665,9 +900,22 @@ class RalphLoop:
             "" if outcome.attempts == 1 else "s",
             outcome.error,
             self.state.consecutive_failures,
-            self.settings.max_consecutive_failures,
+            allowed if allowed else "any number",
             extra=fields,
         )
+
+    def _describe_progress(self, change: Change | None) -> str:
+        """What the iteration changed, or for how long nothing: "; 2 files changed, +10 -3"."""
+        state = self.state
+        parts = []
+        if change is not None and change.changed:
+            plural = "" if change.files == 1 else "s"
+            parts.append(f"{change.files} file{plural} changed, +{change.added} -{change.removed}")
+        elif change is not None:
+            parts.append(f"no change, {state.idle_iterations} in a row")
+        if state.repeat_count > 1:
+            parts.append(f"the same answer {state.repeat_count} times in a row")
+        return "".join(f"; {part}" for part in parts)
 
     def _log_summary(self) -> None:
         stats = self._supervisor_stats()
@@ -714,11 +962,14 @@ class RalphLoop:
             log.debug("supervisor stats unavailable", exc_info=True)
             return {}
 
-    def _checkpoint(self, status: str, reason: str | None = None) -> None:
+    def _checkpoint(
+        self, status: str, reason: str | None = None, message: str | None = None
+    ) -> None:
         """Write checkpoint.json, then commit the workdir; neither ever raises."""
         with self._lock:
             self.state.status = status
             self.state.stop_reason = reason
+            self.state.stop_message = message
             self.state.runtime_s = round(self._runtime(), 3)
             number = self.state.iteration
 
@@ -758,7 +1009,7 @@ class RalphLoop:
         )
 
     def _finish(self, status: str, code: int, reason: str, message: str) -> LoopResult:
-        self._checkpoint(status, reason)
+        self._checkpoint(status, reason, message)
         level = logging.INFO if code in (EXIT_OK, EXIT_LIMIT) else logging.ERROR
         log.log(
             level,
@@ -780,7 +1031,13 @@ class RalphLoop:
     # -- for the status line and /health ------------------------------------
 
     def progress(self) -> dict[str, Any]:
-        """A snapshot of the task's state; safe from any thread."""
+        """A snapshot of the task's state; safe from any thread.
+
+        idle_iterations: answers in a row that changed nothing in the work
+        tree; max_idle_iterations is None when that rule is off (by the
+        configuration, or for want of git). repeat_count: answers in a row
+        alike, the last included (1: the last answer was new).
+        """
         with self._lock:
             state = self.state
             result = self.result
@@ -799,7 +1056,14 @@ class RalphLoop:
                 "failures": dict(state.failures),
                 "runtime_s": round(self._runtime(), 1),
                 "waiting_for_breaker": self._breaker_note,
+                "idle_iterations": state.idle_iterations,
+                "max_idle_iterations": self.settings.max_idle_iterations
+                if self._measuring
+                else None,
+                "repeat_count": state.repeat_count,
+                "max_repeats": self.settings.max_repeats,
                 "stop_reason": result.reason if result else None,
+                "stop_message": result.message if result else None,
             }
 
 
