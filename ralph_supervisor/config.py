@@ -666,7 +666,7 @@ class AdapterConfig:
         None,
         Nullable(Seconds(positive=True)),
         env="QCHAT_ATTEMPT_TIMEOUT",
-        doc="seconds one attempt may take, so a hung one leaves time to retry; null: all",
+        doc="seconds for one attempt, leaving time to retry a hang; null: all",
     )
     failure_patterns: Mapping[str, tuple[str, ...]] = setting(
         {},
@@ -810,7 +810,7 @@ class MonitoringConfig:
         Nullable(Text()),
         env="QCHAT_CONSOLE_TOKEN",
         secret=True,
-        doc="the token the server's console asks for; null: none",
+        doc="the console's action token; null: random, in STATE_DIR/console.token",
     )
 
 

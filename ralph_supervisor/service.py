@@ -33,6 +33,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -318,8 +319,9 @@ def describe_plan(plan: StartPlan, out: IO[str]) -> None:
     line(
         "limits",
         f"{settings.max_iterations} iterations, {settings.max_runtime:g} s, "
-        f"{settings.max_consecutive_failures} failures in a row",
+        f"{settings.max_consecutive_failures or 'any number of'} failures in a row",
     )
+    line("no progress", _describe_progress_rules(settings))
     line(
         "checkpoints",
         f"every {settings.checkpoint_interval} iterations"
@@ -337,6 +339,19 @@ def describe_plan(plan: StartPlan, out: IO[str]) -> None:
 
     for warning in plan.warnings:
         out.write(f"warning: {warning}\n")
+
+
+def _describe_progress_rules(settings: LoopSettings) -> str:
+    idle, repeats = settings.max_idle_iterations, settings.max_repeats
+    rules = [
+        f"stalled after {idle} answers that change nothing (git work trees only)"
+        if idle
+        else "never stalled (loop.max_idle_iterations off)",
+        f"repeating after {repeats} answers alike (>= {settings.repeat_similarity:g})"
+        if repeats
+        else "never repeating (loop.max_repeats off)",
+    ]
+    return "; ".join(rules)
 
 
 def _describe_checkpoint(state_dir: Path) -> str:
@@ -571,6 +586,7 @@ class Service:
         self.supervisor: Any = None
         self.metrics: Any = None
         self.server: Any = None
+        self.console: Any = None
         self.notifier: Any = None
         self.status_line: StatusLine | None = None
         self.loops: list[RalphLoop] = []
@@ -710,7 +726,30 @@ class Service:
                 f", metrics at {url}/metrics" if monitoring.metrics_enabled else "",
                 extra={"url": url},
             )
+            self._start_console(url)
         self._write_health_file(url)
+
+    def _start_console(self, url: str) -> None:
+        from ralph_supervisor.console import Console, ConsoleSources
+
+        sources = ConsoleSources(
+            snapshot=self.snapshot,
+            supervisor=lambda: self.supervisor if self._supervisor_started else None,
+            loops=lambda: list(self.loops),
+            metrics=self.metrics,
+            # The SIGTERM path itself: the same drain, the same exit code.
+            stop=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        )
+        try:
+            self.console = Console.for_service(
+                sources, monitoring=self.config.monitoring, state_dir=self.plan.state_dir
+            )
+        except OSError as error:
+            raise StartError(
+                f"cannot write the console token in {self.plan.state_dir}: "
+                f"{error.strerror or error}"
+            ) from None
+        self.console.install(self.server)
 
     def _write_health_file(self, url: str | None) -> None:
         host, port = self.server.address if self.server is not None else (None, None)
@@ -807,6 +846,8 @@ class Service:
             self.supervisor.close()
         if self.server is not None:
             self.server.stop()
+        if self.console is not None:
+            self.console.close()
         with contextlib.suppress(OSError):
             self.health_file.unlink()
 
@@ -891,6 +932,7 @@ class Service:
                 last = f"breaker wait ({progress['waiting_for_breaker']})"
             tasks.append(
                 f"{progress['task']} {progress['iteration']}/{progress['max_iterations']} {last}"
+                + _progress_counters(progress)
             )
 
         breaker = "-"
@@ -903,6 +945,16 @@ class Service:
             f"ralph: {', '.join(tasks)} | {_clock(self._uptime())} | breaker {breaker} | "
             f"workers {workers}"
         )
+
+
+def _progress_counters(progress: dict[str, Any]) -> str:
+    """How near the task is to a no-progress stop, as " idle 2/5 same 1/3"."""
+    counters = ""
+    if progress.get("max_idle_iterations"):
+        counters += f" idle {progress['idle_iterations']}/{progress['max_idle_iterations']}"
+    if progress.get("max_repeats"):
+        counters += f" same {progress['repeat_count']}/{progress['max_repeats']}"
+    return counters
 
 
 # ---------------------------------------------------------------------------

@@ -265,6 +265,7 @@ ENV_CASES = [
     ("QCHAT_TIMEOUT", "300", "adapter.timeout", 300.0),
     ("QCHAT_MAX_RETRIES", "5", "adapter.max_retries", 5),
     ("QCHAT_RETRY_DELAY", "2", "adapter.retry_delay", 2.0),
+    ("QCHAT_ATTEMPT_TIMEOUT", "30", "adapter.attempt_timeout", 30.0),
     ("QCHAT_BUFFER_SIZE", "8192", "performance.buffer_size", 8192),
     ("QCHAT_POLL_INTERVAL", "0.1", "performance.poll_interval", 0.1),
     ("QCHAT_MAX_CONCURRENT", "10", "performance.max_concurrent", 10),
