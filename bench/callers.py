@@ -74,14 +74,8 @@ class AsyncioCaller:
         self.loop.close()
 
 
-def call_spec(
-    config: Any, agent: Agent, *, worker_flags: bool = False, buffer_size: int | None = None
-) -> CallSpec:
-    """A CallSpec like the supervisor's for `config`; prompt and deadline set per call.
-
-    worker_flags: start the agent as a worker does, with PR_SET_PDEATHSIG
-    set in a preexec_fn (which makes subprocess fork instead of vfork).
-    """
+def call_spec(config: Any, agent: Agent, *, buffer_size: int | None = None) -> CallSpec:
+    """A CallSpec like the supervisor's for `config`; prompt and deadline set per call."""
     from ralph_supervisor.agents import CompiledPatterns, profile_for
 
     limits = Limits(
@@ -98,7 +92,6 @@ def call_spec(
         limits=limits,
         patterns=CompiledPatterns.of(profile_for(config.adapter)),
         agent="sim",
-        die_with_parent=worker_flags,
     )
 
 
@@ -130,29 +123,27 @@ class WorkerLikeRunner:
     """run_call() in a process made the way workers are, timed inside it.
 
     The process comes from the supervisor's fork server, with the worker
-    module preloaded, so it has a worker's memory image: what fork() (for
-    an agent started with a preexec_fn) costs there is what it costs in a
-    worker. The time is taken inside the process; the pipe is not in it.
+    module preloaded, so it has a worker's memory image: what starting an
+    agent costs there is what it costs in a worker. The time is taken
+    inside the process; the pipe is not in it.
     """
 
     def __init__(self, config: Any, agent: Agent) -> None:
         context = multiprocessing.get_context("forkserver")
         self.conn, child_conn = context.Pipe()
-        templates = {
-            flags: call_spec(config, agent, worker_flags=flags) for flags in (False, True)
-        }
+        template = call_spec(config, agent)
         self.process = context.Process(
             target=serve_timed_calls,
-            args=(child_conn, templates, float(config.adapter.timeout)),
+            args=(child_conn, template, float(config.adapter.timeout)),
             name="bench-worker-like",
             daemon=True,
         )
         self.process.start()
         child_conn.close()
 
-    def caller(self, *, worker_flags: bool) -> Callable[[str], Timed]:
+    def caller(self) -> Callable[[str], Timed]:
         def call(prompt: str) -> Timed:
-            self.conn.send((prompt, worker_flags))
+            self.conn.send(prompt)
             outcome = self.conn.recv()
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -170,16 +161,15 @@ class WorkerLikeRunner:
         self.conn.close()
 
 
-def serve_timed_calls(conn: Any, templates: dict[bool, CallSpec], timeout: float) -> None:
+def serve_timed_calls(conn: Any, template: CallSpec, timeout: float) -> None:
     """The worker-like process: one timed run_call per request, until None."""
     while True:
-        request = conn.recv()
-        if request is None:
+        prompt = conn.recv()
+        if prompt is None:
             return
-        prompt, worker_flags = request
         started = time.perf_counter()
         try:
-            text = run_spec(templates[worker_flags], prompt, timeout)
+            text = run_spec(template, prompt, timeout)
         except Exception as error:
             conn.send(error)
             continue

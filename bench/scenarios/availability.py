@@ -8,7 +8,9 @@
 
 The supervisor's defaults do the rest: 3 retries with full-jitter backoff
 from 1 s, all within one deadline per call. adapter.timeout is 10 s here
-(the default, 120 s, would let each hang hold a worker for two minutes).
+(the default, 120 s, would let each hang hold a worker for two minutes),
+and adapter.attempt_timeout 2.5 s: a hung attempt ends in time for a retry
+(without it, every hang used the whole deadline and the call was lost).
 Every answer is `@sim:echo=sha256` of its prompt, so "answered correctly"
 is checked byte for byte, not taken on trust.
 """
@@ -40,6 +42,7 @@ WORKERS = 10
 CRASH_RATE = 0.05
 HANG_RATE = 0.005
 TIMEOUT_S = 10.0
+ATTEMPT_TIMEOUT_S = 2.5
 
 
 def expected_answer(prompt: str) -> str:
@@ -76,6 +79,7 @@ def run(bench: Bench) -> list[Row]:
         bench.simulator,
         performance__max_concurrent=WORKERS,
         adapter__timeout=TIMEOUT_S,
+        adapter__attempt_timeout=ATTEMPT_TIMEOUT_S,
     )
     token = uuid.uuid4().hex[:8]
 

@@ -8,8 +8,6 @@ one worker:
     runner                  run_call() in this process, as QChatAdapter runs it
     QChatAdapter            + validation, breaker, rate limit, retry loop
     worker-like runner      run_call() in a process forked like a worker, timed there
-    ... with worker flags   ... starting the agent as a worker does (PR_SET_PDEATHSIG
-                            in a preexec_fn: subprocess forks instead of vfork)
     Supervisor              submit() -> result(), with the worker hop
 
 Each figure is a difference of percentiles between two callers of the same
@@ -17,7 +15,7 @@ run (Supervisor p50 minus runner p50, say); the table gives its median over
 runs. The supervisor's own hop is Supervisor minus runner: the parent's
 policy, the pipe to the worker and back, the worker's way of starting the
 agent, and the caller's thread being woken. Taking the worker-like runner
-with flags away from it leaves the pipe, the loop and the wake-up.
+away from it leaves the pipe, the loop and the wake-up.
 """
 
 from __future__ import annotations
@@ -47,11 +45,7 @@ GROUP = "what the supervisor adds: one call to a zero-latency agent"
 HOP_GOAL = Goal("<= 0.3 ms at p50", "<=", 0.3e-3)
 
 RUN, ASYNCIO, RUNNER, ADAPTER = "subprocess.run", "asyncio", "runner", "QChatAdapter"
-WORKER_LIKE, WORKER_FLAGS, SUPERVISOR = (
-    "worker-like runner",
-    "worker-like runner, worker flags",
-    "Supervisor",
-)
+WORKER_LIKE, SUPERVISOR = "worker-like runner", "Supervisor"
 
 ZERO = "zero_agent"
 SIM = "simulator instant"
@@ -63,9 +57,9 @@ FIGURES: dict[str, list[tuple[str, str, str]]] = {
         (f"overhead, Supervisor - asyncio ({ZERO})", SUPERVISOR, ASYNCIO),
         ("  split: runner - subprocess.run", RUNNER, RUN),
         ("  split: QChatAdapter policy (adapter - runner)", ADAPTER, RUNNER),
-        ("  split: a worker's agent start (worker flags - none)", WORKER_FLAGS, WORKER_LIKE),
+        ("  split: an agent start in a worker (worker-like - runner)", WORKER_LIKE, RUNNER),
         (f"supervisor's own hop, Supervisor - runner ({ZERO})", SUPERVISOR, RUNNER),
-        ("  hop without the agent start (Supervisor - worker flags)", SUPERVISOR, WORKER_FLAGS),
+        ("  hop without the agent start (Supervisor - worker-like)", SUPERVISOR, WORKER_LIKE),
     ],
     SIM: [
         (f"overhead, Supervisor - subprocess.run ({SIM})", SUPERVISOR, RUN),
@@ -101,8 +95,7 @@ def one_run(bench: Bench, agent: Agent, rounds: int) -> Times:
             ASYNCIO: asyncio_caller,
             RUNNER: runner_caller(config, agent),
             ADAPTER: adapter_caller(QChatAdapter(config)),
-            WORKER_LIKE: worker_like.caller(worker_flags=False),
-            WORKER_FLAGS: worker_like.caller(worker_flags=True),
+            WORKER_LIKE: worker_like.caller(),
             SUPERVISOR: supervisor_caller(supervisor),
         }
 
