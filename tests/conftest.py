@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import logging
 import os
 import signal
 import sys
@@ -141,6 +142,38 @@ def make_config(tmp_path: Path, **overrides: object):  # type: ignore[no-untyped
     }
     values.update({key.replace("__", "."): value for key, value in overrides.items()})
     return load_config(env={}, overrides=values)
+
+
+def reap_forked_child(pid: int, timeout: float = 30.0) -> int:
+    """The exit code of a child forked by the test; SIGKILL and fail if it hangs."""
+    give_up = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > give_up:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def captured_logs(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Every record of logger `name` (and below), at any level, while open."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger(name)
+    handler = Keep(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import reap_forked_child
 
 from ralph_supervisor.breaker import Breaker, Ticket
 from ralph_supervisor.errors import (
@@ -704,17 +705,7 @@ def test_a_forked_child_opens_its_own_store(tmp_path: Path):
         finally:
             os._exit(code)
 
-    give_up = time.monotonic() + CHILD_TIMEOUT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > give_up:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
-        time.sleep(0.01)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert reap_forked_child(pid, CHILD_TIMEOUT) == 0
     assert breaker.state == "open"
 
 

@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import captured_logs, reap_forked_child
 
 from ralph_supervisor.cache import (
     EVICTION_POLICIES,
@@ -52,19 +52,8 @@ class Answer:
 
 @pytest.fixture
 def logs() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("ralph_supervisor.cache")
-    handler = Keep(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
+    with captured_logs("ralph_supervisor.cache") as records:
         yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 def warnings_in(records: list[logging.LogRecord]) -> list[str]:
@@ -342,17 +331,7 @@ def test_a_forked_child_reopens_the_cache(tmp_path: Path):
         finally:
             os._exit(code)
 
-    give_up = time.monotonic() + CHILD_TIMEOUT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > give_up:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
-        time.sleep(0.01)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert reap_forked_child(pid, CHILD_TIMEOUT) == 0
     assert cache.get("child") == Answer("from the child")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import captured_logs
 
 from ralph_supervisor.errors import QChatTimeout
 from ralph_supervisor.ratelimit import RateLimiter
@@ -42,19 +43,8 @@ class FakeTime:
 
 @pytest.fixture
 def logs() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("ralph_supervisor.ratelimit")
-    handler = Keep(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
+    with captured_logs("ralph_supervisor.ratelimit") as records:
         yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 @pytest.mark.parametrize("shared", [True, False])
