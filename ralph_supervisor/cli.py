@@ -220,6 +220,48 @@ def run_cache_prune(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# bench: python -m bench, from a clone of the repository
+
+
+def add_bench_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmark suite (python -m bench) from a clone",
+        description=(
+            "Run the benchmark suite of the repository this package was installed "
+            "from (pip install -e): python -m bench with the same options."
+        ),
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    size.add_argument("--smoke", action="store_true", help="a tiny run: checks that it works")
+    parser.add_argument("--out", help="where to write results (bench/results)")
+    parser.add_argument("--only", metavar="NAME[,NAME]", help="run only these scenarios")
+    parser.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    # The suite is not installed with the package: it lives beside it in a
+    # clone, and an editable install points here.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").is_file():
+        print(
+            f"{PROG}: the benchmark suite runs from a clone of the repository "
+            "(pip install -e . there, then ralph-supervisor bench)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    command = [sys.executable, "-m", "bench"]
+    command += ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
+    command += ["--out", args.out] if args.out else []
+    command += ["--only", args.only] if args.only else []
+    return subprocess.call(command, cwd=root)
+
+
+# ---------------------------------------------------------------------------
 # The commands, and main.
 
 # (name, add_<name>_parser), in the order --help lists them.
@@ -228,6 +270,7 @@ COMMANDS: tuple[tuple[str, Callable[[Subparsers], None]], ...] = (
     *commands.COMMANDS,
     ("demo", add_demo_parser),
     ("cache", add_cache_parser),
+    ("bench", add_bench_parser),
 )
 
 
