@@ -846,7 +846,7 @@ class Supervisor:
         slot.agent_pgid = None
 
     def _on_request_lost(self, request: _Request, pid: int | None, exitcode: int | None) -> None:
-        self._record_outcome_ticket_release(request)
+        self._release_ticket(request)
         if time.monotonic() >= request.plan.deadline:
             error: QChatError = QChatTimeout(
                 f"the worker {pid} running the call was stopped past its deadline"
@@ -858,7 +858,7 @@ class Supervisor:
             )
         self._after_failure(request, error)
 
-    def _record_outcome_ticket_release(self, request: _Request) -> None:
+    def _release_ticket(self, request: _Request) -> None:
         # A worker's death says nothing about the service: free the trial.
         if request.ticket is not None and request.guard is not None:
             request.guard.breaker.release(request.ticket)

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_config
@@ -75,7 +76,7 @@ class Agents:
         return self.calls.read_text().split() if self.calls.exists() else []
 
 
-def failover_config(tmp_path: Path, agents: list[dict], **overrides: object):  # type: ignore[no-untyped-def]
+def failover_config(tmp_path: Path, agents: object, **overrides: object) -> Any:
     settings: dict[str, object] = {
         "agents": agents,
         "adapter__max_retries": 0,
