@@ -1046,10 +1046,10 @@ class Supervisor:
             request = self._queue.popleft()
             if not request.done:
                 self._fail(request, SupervisorClosed("the supervisor closed before the call ran"))
-        for _, _, action in self._timers:
-            # Pending retries and restarts: run them now, they see _closing.
+        # Pending retries and restarts: run them now, they see _closing.
+        timers, self._timers = self._timers, []
+        for _, _, action in timers:
             action()
-        self._timers.clear()
         with self._lock:
             inbox = list(self._inbox)
             self._inbox.clear()
