@@ -1,0 +1,1 @@
+"""The reliability suite: the promises of ralph-supervisor, under faults."""
