@@ -60,9 +60,12 @@ class AgentProfile:
     # stderr is searched.
     pattern_streams: tuple[str, ...] = ("stderr",)
 
-    # Words just before the prompt when it is an argument (gemini's -p), and
-    # at the end when it goes on stdin instead (codex reads "-" as stdin).
-    prompt_flag: tuple[str, ...] = ()
+    # How the prompt goes as an argument: after "--" (the end of options,
+    # so a prompt that starts with "-" is not read as a flag), or glued to
+    # an option (gemini's --prompt=...). stdin_marker ends the command line
+    # when the prompt goes on stdin instead (codex reads "-" as stdin).
+    end_of_options: bool = True
+    prompt_option: str = ""
     stdin_marker: tuple[str, ...] = ()
 
     # Exit statuses that say what went wrong without any message.
@@ -70,7 +73,7 @@ class AgentProfile:
 
     def with_command(self, command: Sequence[str]) -> AgentProfile:
         # A custom command line decides for itself how it takes its prompt.
-        return replace(self, command=tuple(command), prompt_flag=(), stdin_marker=())
+        return replace(self, command=tuple(command), prompt_option="", stdin_marker=())
 
     def with_patterns(self, extra: Mapping[str, Sequence[str]]) -> AgentProfile:
         merged = {kind: tuple(self.patterns.get(kind, ())) for kind in FAILURE_KINDS}
@@ -182,7 +185,8 @@ PROFILES: Mapping[str, AgentProfile] = {
         ("gemini", "--yolo"),
         GEMINI_PATTERNS,
         pattern_streams=("stdout", "stderr"),
-        prompt_flag=("-p",),
+        end_of_options=False,
+        prompt_option="--prompt=",
         exit_codes={41: "auth"},
     ),
     # exec never asks for approval; the sandbox lets it write its workdir.
@@ -195,7 +199,7 @@ PROFILES: Mapping[str, AgentProfile] = {
     ),
     # A command line of the configuration's own (adapter.command), with
     # only the failure patterns the configuration gives it.
-    "custom": AgentProfile("custom", ()),
+    "custom": AgentProfile("custom", (), end_of_options=False),
 }
 
 # The deployment guide's configuration file says `adapter.name: qchat`.

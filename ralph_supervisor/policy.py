@@ -124,9 +124,11 @@ class AgentGuard:
         if adapter.attempt_timeout is not None:
             budget = min(budget, adapter.attempt_timeout)
         deadline = min(plan.deadline, time.monotonic() + budget)
+        profile = self.profile
         return CallSpec(
-            argv=(*argv, *self.profile.prompt_flag),
-            stdin_argv=(*argv, *self.profile.stdin_marker),
+            argv=(*argv, "--") if profile.end_of_options else argv,
+            prompt_option=profile.prompt_option,
+            stdin_argv=(*argv, *profile.stdin_marker),
             prompt=plan.prompt,
             deadline=deadline,
             cwd=plan.cwd,

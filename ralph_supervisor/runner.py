@@ -104,6 +104,7 @@ class CallSpec:
     prompt: str
     deadline: float  # time.monotonic(): one clock for every process on Linux
     stdin_argv: tuple[str, ...] | None = None
+    prompt_option: str = ""  # glued before the prompt word: "--prompt="
     cwd: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
@@ -150,11 +151,14 @@ class _Collected:
 
 
 def command_line(
-    argv: tuple[str, ...], payload: bytes, stdin_argv: tuple[str, ...] | None = None
+    argv: tuple[str, ...],
+    payload: bytes,
+    stdin_argv: tuple[str, ...] | None = None,
+    prompt_option: str = "",
 ) -> tuple[list[str], bytes | None]:
     """The argv to run and the bytes for stdin (None: stdin is /dev/null)."""
-    if len(payload) <= ARGV_PROMPT_LIMIT:
-        return [*argv, payload.decode("utf-8")], None
+    if len(payload) + len(prompt_option) <= ARGV_PROMPT_LIMIT:
+        return [*argv, prompt_option + payload.decode("utf-8")], None
     return list(stdin_argv or argv), payload
 
 
@@ -169,7 +173,7 @@ def run_call(spec: CallSpec, *, on_spawn: Callable[[int], None] | None = None) -
         raise QChatTimeout("the deadline passed before the call started", elapsed=0.0)
 
     payload = spec.prompt.encode("utf-8")
-    argv, stdin_bytes = command_line(spec.argv, payload, spec.stdin_argv)
+    argv, stdin_bytes = command_line(spec.argv, payload, spec.stdin_argv, spec.prompt_option)
     process = _spawn(spec, argv, with_stdin=stdin_bytes is not None)
     if on_spawn is not None:
         on_spawn(process.pid)

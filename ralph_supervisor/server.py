@@ -250,6 +250,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
         super().setup()
         self.connection.settimeout(self.server.connection_timeout)
 
+    # "GET / HTTP/0.9" written out, too, is answered as 1.0: the stdlib
+    # leaves out the status line and headers whenever the version it parsed
+    # is 0.9, even for the errors it sends while parsing the headers.
+    @property
+    def request_version(self) -> str:
+        return self._request_version
+
+    @request_version.setter
+    def request_version(self, version: str) -> None:
+        self._request_version = "HTTP/1.0" if version == "HTTP/0.9" else version
+
     def __getattr__(self, name: str) -> Any:
         # Every method (GET, POST, PROPFIND...) goes through the router, which
         # answers 404 or 405 itself, rather than the stdlib's 501.

@@ -459,7 +459,7 @@ class Supervisor:
 
     def _idle_slot(self) -> _Slot | None:
         for slot in self._slots:
-            if slot.state == IDLE and not slot.retiring:
+            if slot.state == IDLE and not slot.retiring and slot.conn is not None:
                 return slot
         return None
 
@@ -549,8 +549,11 @@ class Supervisor:
                     return
                 message = slot.conn.recv()
             except (EOFError, OSError):
-                # The sentinel reports the death; stop reading this pipe.
+                # The sentinel reports the death (the fork server may take a
+                # moment to reap it); until then, no call goes to this slot.
                 slot.conn = None
+                if slot.state == IDLE:
+                    slot.state = STOPPING
                 return
             self._handle_message(slot, message)
 
@@ -1042,26 +1045,38 @@ class Supervisor:
 
     def _advance_close(self) -> bool:
         """Drain, then stop; True once nothing is left to wait for."""
+        self._fail_waiting()
+
+        busy = any(s.state == BUSY for s in self._slots)
+        draining = not self._stopping_now and time.monotonic() < (self._drain_deadline or 0)
+        return not (busy and draining)
+
+    def _fail_waiting(self) -> None:
+        """Fail every call not yet running: queued, retrying, or in the inbox."""
         while self._queue:
             request = self._queue.popleft()
             if not request.done:
                 self._fail(request, SupervisorClosed("the supervisor closed before the call ran"))
+
         # Pending retries and restarts: run them now, they see _closing.
         timers, self._timers = self._timers, []
         for _, _, action in timers:
             action()
+
         with self._lock:
             inbox = list(self._inbox)
             self._inbox.clear()
         for request in inbox:
             self._fail(request, SupervisorClosed("the supervisor closed before the call ran"))
 
-        busy = any(s.state == BUSY for s in self._slots)
-        draining = not self._stopping_now and time.monotonic() < (self._drain_deadline or 0)
-        return not (busy and draining)
-
     def _shut_down(self) -> None:
-        """Stop every worker and agent: SIGTERM, a grace, SIGKILL; reap all."""
+        """Stop every worker and agent: SIGUSR2, a grace, SIGKILL; reap all.
+
+        Also after a crash of the loop: every call still waiting resolves.
+        """
+        self._closing = True
+        with contextlib.suppress(Exception):
+            self._fail_waiting()
         for slot in self._slots:
             if slot.request is not None and not slot.request.done:
                 stopped = SupervisorClosed("the supervisor stopped during the call")

@@ -268,11 +268,14 @@ def run_real(
     bin_dir: Path, profile_name: str, tmp_path: Path, *, deadline: float = 8, **env: str
 ) -> BaseException:
     profile = PROFILES[profile_name]
-    command = (str(bin_dir / profile.command[0]), *profile.command[1:], *profile.prompt_flag)
+    command = (str(bin_dir / profile.command[0]), *profile.command[1:])
+    if profile.end_of_options:
+        command = (*command, "--")
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     spec = CallSpec(
         argv=command,
+        prompt_option=profile.prompt_option,
         prompt="say hello",
         deadline=time.monotonic() + deadline,
         cwd=str(tmp_path),

@@ -156,6 +156,7 @@ def test_report_json_is_valid_and_holds_the_same_totals(runner: Runner, workdir:
 
 
 def test_report_plot_writes_a_png(runner: Runner, workdir: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the bench extra is not installed")
     plot = runner.tmp_path / "loop.png"
     done = runner.run("report", "--workdir", str(workdir), "--plot", str(plot), "--json")
 

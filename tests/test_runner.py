@@ -27,7 +27,9 @@ from ralph_supervisor.errors import (
 from ralph_supervisor.prompts import PromptPolicy
 from ralph_supervisor.runner import ARGV_PROMPT_LIMIT, CallSpec, Limits, run_call, strip_ansi
 
-SIM = (sys.executable, "-m", "ralph_supervisor.simulator", "chat", "--no-interactive")
+# As AgentGuard.spec builds it: "--" before the prompt word, so a prompt
+# that starts with "-" is not read as an option.
+SIM = (sys.executable, "-m", "ralph_supervisor.simulator", "chat", "--no-interactive", "--")
 PATTERNS = CompiledPatterns.of(PROFILES["sim"])
 
 
@@ -260,7 +262,7 @@ def test_any_text_arrives_byte_for_byte_or_is_rejected(text: str) -> None:
 
 def test_simulator_is_a_real_process_here() -> None:
     # Guards the suite itself: the simulator must be runnable as a module.
-    done = subprocess.run([*SIM, "@sim:echo=sha256 hi"], capture_output=True, timeout=30)
+    done = subprocess.run([*SIM, "-x @sim:echo=sha256"], capture_output=True, timeout=30)
     assert done.returncode == 0
     assert b"sha256:" in done.stdout
 

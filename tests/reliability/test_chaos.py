@@ -11,8 +11,8 @@ random worker every second. Through all of it:
 The knobs travel as @sim: directives in the prompt: workers are forked by
 the fork server, whose environment was fixed when it started.
 
-A run that hits the known defect of the supervisor loop (LOOP_DEATH) reports
-xfail with its reason; two deterministic tests at the end pin that defect.
+A run in which the supervisor loop dies fails (LOOP_DEATH); two
+deterministic tests at the end pin the defect that once caused it.
 """
 
 from __future__ import annotations
@@ -249,10 +249,7 @@ def test_every_call_resolves_exactly_once_and_nothing_survives(
 
     assert not survivors, "processes of the run are still alive:\n" + describe(survivors)
     assert not outcomes.untyped, f"untyped errors: {outcomes.untyped[:5]!r}"
-    if loop_died:
-        # Random (from one kill in ten to one in several hundred): the
-        # defect that the two deterministic tests below pin down.
-        pytest.xfail(f"{LOOP_DEATH} (lost={lost}, not_done={len(not_done)})")
+    assert not loop_died, f"{LOOP_DEATH} (lost={lost}, not_done={len(not_done)})"
     assert lost == 0, f"{lost} futures never resolved"
     assert twice == 0, f"{twice} futures resolved more than once"
     assert ok + typed == requests
@@ -325,33 +322,12 @@ def run_repro(tmp_path: Path, scenario: str) -> dict:
     return json.loads(line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: supervisor.py _receive() sets slot.conn = None when a worker's "
-        "pipe reads EOF but leaves the slot IDLE (a worker that died idle, or right "
-        "after its answer, which _on_done() marks IDLE) until the sentinel fires; with the "
-        "forkserver start method the sentinel fires only after the fork server reaped "
-        "the worker, so _dispatch() can pick that slot and _start_attempt() calls "
-        "slot.conn.send() on None: AttributeError, the supervisor loop dies and the "
-        "supervisor closes itself"
-    ),
-)
 @pytest.mark.parametrize("size", sizes(1, 1, bounded_timeout=120, full_timeout=120))
 def test_a_call_is_never_given_to_a_worker_that_died_idle(tmp_path: Path, size: int) -> None:
     result = run_repro(tmp_path, "dead-idle-worker")
     assert result == {"call": "ok", "closed_by_itself": False}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: supervisor.py _run_loop() on an exception calls _shut_down(), "
-        "which fails only the calls held by workers; calls in the queue, the inbox "
-        "or waiting on a timer (retry backoff, rate limit) are never resolved, and "
-        "a caller of execute() waits for ever"
-    ),
-)
 @pytest.mark.parametrize("size", sizes(1, 1, bounded_timeout=120, full_timeout=120))
 def test_every_call_resolves_when_the_supervisor_loop_fails(tmp_path: Path, size: int) -> None:
     result = run_repro(tmp_path, "loop-failure")

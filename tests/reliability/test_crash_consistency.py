@@ -342,15 +342,6 @@ class StateFileModeDefect(AssertionError):
     """The known defect this test documents; any other failure fails it."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StateFileModeDefect,
-    reason=(
-        "product bug: service.PidFile.acquire() creates STATE_DIR/ralph-supervisor.pid "
-        "with mode 0o644, readable by group and others under the usual umask 022, "
-        "where every other state file of `start` is 0600"
-    ),
-)
 @pytest.mark.parametrize("size", sizes(1, 1, bounded_timeout=90, full_timeout=90))
 def test_start_state_files_are_private(tmp_path: Path, size: int, report) -> None:
     runs = StartRuns(tmp_path)

@@ -131,9 +131,6 @@ def test_hostile_prompts_arrive_intact_or_are_rejected(
     @settings(max_examples=examples, deadline=None, suppress_health_check=SLOW, database=None)
     @given(prompt=prompts())
     def run(prompt: str) -> None:
-        # A leading "-" reads as an option: the known defect tested below.
-        if prompt.lstrip("\0").startswith("-"):
-            prompt = " " + prompt
         tally[check_prompt(echo_adapter, prompt)] += 1
 
     run()
@@ -167,16 +164,6 @@ def test_large_and_degenerate_prompts(echo_adapter: QChatAdapter, size: int, rep
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: runner.command_line() appends the prompt as the last argv word "
-        "without a '--' before it, so a prompt that starts with '-' is parsed by the "
-        "agent CLI as an option: '-x hello' reaches the agent as no prompt at all "
-        "(the simulator answers the hash of the empty string; q would exit with a "
-        "usage error)"
-    ),
-)
 @pytest.mark.parametrize("prompt", ["-x hello", "--help me", "--model gpt -- please"])
 def test_a_prompt_that_starts_with_a_dash_arrives_intact(
     echo_adapter: QChatAdapter, prompt: str
@@ -466,8 +453,9 @@ http_paths = st.one_of(
         lambda s: "/" + s
     ),
 )
-# An explicit HTTP/0.9 is the known defect tested on its own below.
-http_versions = st.sampled_from(["HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3", "FOO", ""])
+http_versions = st.sampled_from(
+    ["HTTP/0.9", "HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3", "FOO", ""]
+)
 raw_garbage = st.binary(max_size=300)
 
 
@@ -547,15 +535,6 @@ def test_named_hostile_requests(health_server: HealthServer, size: int, report) 
     report("hostile_http_named", cases=len(cases), statuses=statuses)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: server._RequestHandler answers a request line that names "
-        "HTTP/0.9 explicitly ('GET /health HTTP/0.9') in HTTP/0.9 style, a bare body "
-        "without status line or headers, so an error cannot be told from a success; "
-        "default_request_version only covers the two-word line"
-    ),
-)
 @pytest.mark.parametrize("path", ["/health", "/nowhere"])
 def test_an_explicit_http_0_9_request_gets_a_status_line(
     health_server: HealthServer, path: str
