@@ -550,10 +550,10 @@ class Supervisor:
                 message = slot.conn.recv()
             except (EOFError, OSError):
                 # The sentinel reports the death (the fork server may take a
-                # moment to reap it); until then, no call goes to this slot.
+                # moment to reap it); until then no call goes to this slot,
+                # since _idle_slot wants a pipe. The state stays as it was:
+                # the death handling reads it to tell a crash from a stop.
                 slot.conn = None
-                if slot.state == IDLE:
-                    slot.state = STOPPING
                 return
             self._handle_message(slot, message)
 
