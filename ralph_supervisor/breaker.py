@@ -67,7 +67,12 @@ from ralph_supervisor.backend import (
     shared_state_at,
     state_dir_key,
 )
-from ralph_supervisor.cache import STORE_ERRORS, is_store_broken, open_private_cache
+from ralph_supervisor.cache import (
+    STORE_ERRORS,
+    is_store_broken,
+    open_private_cache,
+    reason_here,
+)
 from ralph_supervisor.errors import CircuitOpen
 
 log = logging.getLogger(__name__)
@@ -563,10 +568,7 @@ class Breaker:
     @property
     def degraded_reason(self) -> str | None:
         """Why this process fell back to memory storage, or None."""
-        degraded = self._degraded
-        if degraded is not None and degraded[0] == os.getpid():
-            return degraded[1]
-        return None
+        return reason_here(self._degraded)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a health check or `status` shows about the breaker.

@@ -121,6 +121,17 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def reason_here(marked: tuple[int, str] | None) -> str | None:
+    """The reason of a (pid, reason) mark, if this process set it.
+
+    A child after fork inherits its parent's marks but tries the store for
+    itself, so a mark counts only in the process that made it.
+    """
+    if marked is not None and marked[0] == os.getpid():
+        return marked[1]
+    return None
+
+
 def make_private_dir(path: Path) -> None:
     """Create `path` and any missing parents with mode 0700.
 
@@ -311,10 +322,7 @@ class ResponseCache:
     @property
     def broken_reason(self) -> str | None:
         """Why caching stopped in this process, or None while it works."""
-        broken = self._broken
-        if broken is not None and broken[0] == os.getpid():
-            return broken[1]
-        return None
+        return reason_here(self._broken)
 
     def get(self, key: str, *, wait: bool = True) -> Any | None:
         """Return the stored answer for `key`, or None. Never raises.

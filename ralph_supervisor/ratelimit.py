@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ralph_supervisor.backend import SharedStateError, shared_state_at, state_dir_key
-from ralph_supervisor.cache import STORE_ERRORS, ProcessLocalCache, is_store_broken
+from ralph_supervisor.cache import STORE_ERRORS, ProcessLocalCache, is_store_broken, reason_here
 from ralph_supervisor.errors import QChatTimeout
 
 log = logging.getLogger(__name__)
@@ -194,10 +194,7 @@ class RateLimiter:
     @property
     def degraded_reason(self) -> str | None:
         """Why this process uses its own bucket instead of the shared one."""
-        degraded = self._degraded
-        if degraded is not None and degraded[0] == os.getpid():
-            return degraded[1]
-        return None
+        return reason_here(self._degraded)
 
     def stats(self) -> dict[str, Any]:
         """This process's waiting, for metrics."""
